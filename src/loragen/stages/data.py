@@ -1,0 +1,55 @@
+"""stage=data: load every split of the selected dataset(s); print sizes and a formatted example."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from loragen import io, runtime
+from loragen.data import dataset_specs, load_split
+from loragen.data.registry import splits_of
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    out = runtime.run_dir()
+    summary: dict[str, dict] = {}
+    lines = ["# Datasets", "", "| dataset | split | documents | source |", "|---|---|---|---|"]
+    examples = []
+    for spec in dataset_specs(cfg.dataset):
+        summary[spec.name] = {}
+        splits = splits_of(spec)
+        if cfg.paths.data_dir:  # every split file there, not only the ones the config uses
+            splits += sorted(p.stem for p in (Path(cfg.paths.data_dir) / spec.name).glob("*.jsonl") if p.stem not in splits)
+        for split in splits:
+            loaded = load_split(
+                spec, split, data_dir=cfg.paths.data_dir, seed=cfg.seed,
+                skip_invalid=cfg.data.skip_invalid, hash_train_fraction=cfg.data.hash_train_fraction,
+            )
+            summary[spec.name][split] = {"n": len(loaded.records), "source": loaded.source, "sha256": loaded.sha256}
+            lines.append(f"| {spec.name} | {split} | {len(loaded.records)} | {loaded.source} |")
+            log.info("%-14s %-18s %6d documents  (%s)", spec.name, split, len(loaded.records), loaded.source)
+            if split == spec.eval_split:
+                for rec in loaded.records[: cfg.show.examples]:
+                    examples.append(format_example(spec.name, split, rec))
+    text = "\n".join(lines) + "\n\n# Examples\n\n" + "\n\n".join(examples) + "\n"
+    if runtime.is_main():
+        io.write_json(out / "data_summary.json", summary)
+        io.write_text(out / "data_summary.md", text)
+        print(text)
+    return summary
+
+
+def format_example(name: str, split: str, rec) -> str:
+    rows = [f"## {name} ({split}) id={rec.id}", "```"]
+    shared = len(rec.contexts) == 1
+    if shared:
+        rows.append(f"context={rec.contexts[0]!r}")
+    for k, (ctx, cont) in enumerate(rec.requests()):
+        mark = "  <- gold" if k == rec.gold else ""
+        rows.append(f"[{k}] " + ("" if shared else f"context={ctx!r}  ") + f"continuation={cont!r}{mark}")
+    rows.append("```")
+    return "\n".join(rows)
