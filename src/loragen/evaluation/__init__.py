@@ -1,0 +1,1 @@
+"""Multiple-choice scoring and metrics: the one scorer every stage uses."""
