@@ -34,8 +34,9 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def provenance(cfg: DictConfig, data_sha256: dict[str, str | None] | None = None) -> dict:
+def provenance(cfg: DictConfig, data_sha256: dict[str, str | None] | None = None, world_size: int = 1) -> dict:
     return {
+        "world_size": world_size,
         "git_sha": git_sha(),
         "versions": versions(),
         "data_sha256": data_sha256 or {},

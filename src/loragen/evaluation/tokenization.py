@@ -7,12 +7,20 @@ tok(ctx + cont)[len(tok(ctx)):], each encoded with the tokenizer's default speci
 
 from __future__ import annotations
 
+from typing import Sequence
+
+
+def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per request; batched tokenizer calls, each distinct context once."""
+    moved = []
+    for ctx, cont in requests:
+        n = len(ctx) - len(ctx.rstrip())
+        moved.append((ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont))
+    contexts = list(dict.fromkeys(c for c, _ in moved))
+    ctx_ids = dict(zip(contexts, tokenizer(contexts)["input_ids"]))
+    wholes = tokenizer([c + x for c, x in moved])["input_ids"]
+    return [(ctx_ids[c], w[len(ctx_ids[c]):]) for (c, _), w in zip(moved, wholes)]
+
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces > 0:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = tokenizer(context + continuation)["input_ids"]
-    ctx = tokenizer(context)["input_ids"]
-    return ctx, whole[len(ctx):]
+    return encode_requests(tokenizer, [(context, continuation)])[0]

@@ -1,0 +1,83 @@
+"""Score multiple-choice requests: summed continuation log-likelihood (causal LMs) or cosine (encoders).
+
+Causal scoring follows lm-evaluation-harness: pairs tokenized as `tokenization.encode_pair`, inputs
+`(ctx + cont)[-(max_length + 1):][:-1]`, the log-probabilities of the continuation tokens
+summed. Requests are sorted by length and batched (right padding), so choices of one question
+are scored together and no pair is computed twice.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from loragen.evaluation.tokenization import encode_requests
+from loragen.models.pooling import embed
+
+
+def model_max_length(model, tokenizer, default: int = 2048) -> int:
+    cfg = model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(cfg, attr, None):
+            return int(getattr(cfg, attr))
+    tml = getattr(tokenizer, "model_max_length", None)
+    return int(tml) if tml and tml < 1e9 else default
+
+
+@torch.no_grad()
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int,
+                   progress=None) -> list[float]:
+    """Summed log-probability of each continuation given its context. `progress`: a runtime.ProgressBar."""
+    max_len = model_max_length(model, tokenizer)
+    device = next(model.parameters()).device
+    seqs: list[tuple[list[int], int]] = []  # (context + continuation, left-truncated; continuation length)
+    for (ctx, cont), (ctx_ids, cont_ids) in zip(requests, encode_requests(tokenizer, requests)):
+        if not cont_ids:
+            raise ValueError(f"continuation {cont!r} tokenizes to nothing after context ...{ctx[-40:]!r}")
+        seqs.append(((ctx_ids + cont_ids)[-(max_len + 1):], len(cont_ids)))
+    if progress is not None:
+        progress.total = len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(seqs[i][0]) - 1 for i in idx)
+        inp = torch.full((len(idx), width), pad, dtype=torch.long)
+        att = torch.zeros((len(idx), width), dtype=torch.long)
+        rows, cols, targets, owner = [], [], [], []
+        for row, i in enumerate(idx):
+            whole, n_cont = seqs[i]
+            n_in = len(whole) - 1
+            inp[row, :n_in] = torch.tensor(whole[:-1])
+            att[row, :n_in] = 1
+            rows += [row] * n_cont  # logits at [n_in - n_cont, n_in) predict the continuation tokens
+            cols += range(n_in - n_cont, n_in)
+            targets += whole[-n_cont:]
+            owner += [i] * n_cont
+        logits = model(input_ids=inp.to(device), attention_mask=att.to(device)).logits
+        picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
+        logp = torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+        out.index_add_(0, torch.tensor(owner), logp.double().cpu())
+        if progress is not None:
+            progress.update(len(idx))
+    return out.tolist()
+
+
+@torch.no_grad()
+def cosines(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int,
+            progress=None) -> list[float]:
+    """cos(embed(context), embed(continuation)) per request; each distinct text is embedded once."""
+    texts = list(dict.fromkeys(t for pair in requests for t in (pair[0], pair[1].strip())))
+    if progress is not None:
+        progress.total = len(texts)
+    texts.sort(key=len)  # similar lengths per batch: less padding
+    vecs: dict[str, torch.Tensor] = {}
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        for t, v in zip(chunk, embed(model, tokenizer, chunk).cpu()):
+            vecs[t] = v
+        if progress is not None:
+            progress.update(len(chunk))
+    return [float(vecs[c] @ vecs[x.strip()]) for c, x in requests]

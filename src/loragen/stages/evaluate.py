@@ -1,0 +1,104 @@
+"""stage=evaluate: the base model and any number of adapters on one or more datasets.
+
+Recipe: load the splits and the base model once, check every adapter fits, then for each
+(label, dataset) score through the one scorer and write results.json, samples.jsonl,
+results.csv and results.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from loragen import io, runtime
+from loragen.data import LoadedSplit, dataset_specs, load_split
+from loragen.errors import ConfigError
+from loragen.evaluation import evaluate_records
+from loragen.evaluation.adapters import AdapterSwitcher, check_adapter
+from loragen.evaluation.prompting import with_chat_template, with_fewshot
+from loragen.evaluation.results import result_entry, sample_rows, write_results
+from loragen.models import load_model
+from loragen.provenance import provenance
+from loragen.train_env import make_accelerator
+
+log = logging.getLogger(__name__)
+METHODS = ("loglikelihood", "generate")
+
+
+def run(cfg: DictConfig) -> dict:
+    out = runtime.run_dir()
+    if (out / "results.json").is_file() and not cfg.eval.overwrite:
+        log.info("%s exists: evaluation already done (eval.overwrite=true to redo)", out / "results.json")
+        return io.read_json(out / "results.json")
+    if cfg.eval.method not in METHODS:
+        raise ConfigError(f"eval.method={cfg.eval.method!r}; expected one of {METHODS}")
+
+    # setup
+    accelerator = make_accelerator(cfg)
+    splits = load_eval_splits(cfg)
+    lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device)
+    if cfg.eval.method == "generate" and lm.kind != "causal":
+        raise ConfigError(f"eval.method=generate needs a causal LM; model {lm.name} is an {lm.kind}")
+    if cfg.eval.apply_chat_template:
+        splits = [_replace_records(s, with_chat_template(s.records, lm.tokenizer)) for s in splits]
+    adapters = [str(Path(a)) for a in cfg.eval.adapters]
+    for a in adapters:  # every adapter is checked before any scoring
+        check_adapter(lm.model, a)
+    runs = ([("base", None)] if cfg.eval.include_base else []) + list(zip(adapter_labels(adapters), adapters))
+    if not runs:
+        raise ConfigError("nothing to evaluate: eval.include_base=false and eval.adapters is empty")
+
+    # loop
+    switcher = AdapterSwitcher(lm.model)
+    entries, samples = [], []
+    for label, path in runs:
+        model = switcher.use(path)
+        for split in splits:
+            outcome = evaluate_records(
+                model, lm.tokenizer, lm.kind, split.records, batch_size=int(cfg.eval.batch_size),
+                accelerator=accelerator, desc=f"{label} {split.dataset}", has_acc_norm=split.has_acc_norm,
+                method=cfg.eval.method,
+            )
+            entries.append(result_entry(label, path, lm.name, lm.path, split, outcome))
+            samples += sample_rows(label, split.dataset, outcome)
+            log.info("%-24s %-14s acc %.4f ± %.4f%s  (n=%d, %.1fs)", label, split.dataset, outcome.acc,
+                     outcome.acc_stderr, "" if outcome.acc_norm is None else f"  acc_norm {outcome.acc_norm:.4f}",
+                     outcome.n, outcome.seconds)
+
+    # save
+    result = {"results": entries, "provenance": provenance(cfg, {s.dataset: s.sha256 for s in splits}, accelerator.num_processes)}
+    if runtime.is_main():
+        write_results(out, entries, samples, result["provenance"])
+        print((out / "results.md").read_text())
+        log.info("results in %s", out / "results.json")
+    return result
+
+
+def load_eval_splits(cfg: DictConfig) -> list[LoadedSplit]:
+    splits = []
+    for spec in dataset_specs(cfg.dataset):
+        split = load_split(
+            spec, cfg.eval.split or spec.eval_split, data_dir=cfg.paths.data_dir, limit=cfg.eval.limit,
+            sample_ratio=cfg.eval.sample_ratio, seed=cfg.seed, skip_invalid=cfg.data.skip_invalid,
+            hash_train_fraction=cfg.data.hash_train_fraction,
+        )
+        if cfg.eval.num_fewshot:
+            pool = load_split(spec, cfg.eval.fewshot_split or spec.train_split, data_dir=cfg.paths.data_dir,
+                              skip_invalid=cfg.data.skip_invalid, hash_train_fraction=cfg.data.hash_train_fraction)
+            split = _replace_records(split, with_fewshot(split.records, pool.records, int(cfg.eval.num_fewshot), cfg.seed))
+        splits.append(split)
+    return splits
+
+
+def adapter_labels(paths: list[str]) -> list[str]:
+    """The directory name, or its last two parts where names repeat (e.g. several `final/`)."""
+    names = [Path(p).name for p in paths]
+    return [n if names.count(n) == 1 else "/".join(Path(p).parts[-2:]) for n, p in zip(names, paths)]
+
+
+def _replace_records(split: LoadedSplit, records) -> LoadedSplit:
+    from dataclasses import replace
+
+    return replace(split, records=list(records))
