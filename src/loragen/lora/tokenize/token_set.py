@@ -1,0 +1,129 @@
+"""Tokenize a trajectory of checkpoints into one tensor; save and load token sets; detokenize."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from loragen import io
+from loragen.errors import CheckpointError
+from loragen.lora.adapter_io import Adapter, read_adapter
+from loragen.lora.tokenize import codec
+from loragen.lora.tokenize.checkpoints import check_consistent, find_checkpoints
+from loragen.lora.tokenize.layout import LAYOUT_NAME, Layout, build_layout
+
+log = logging.getLogger(__name__)
+TOKENS_NAME = "tokens.safetensors"
+
+
+@dataclass
+class TokenSet:
+    tokens: torch.Tensor  # [num_checkpoints, num_tokens, h, w] float32
+    layout: Layout
+    mask: torch.Tensor  # [num_tokens, h, w] bool, True on real cells
+    token_std: torch.Tensor  # [num_tokens]: std across checkpoints, averaged over the token's real cells
+    steps: list[int]
+    sources: list[str]
+    chunk_mean: torch.Tensor | None = None  # dnd: [num_checkpoints, num_tokens] decoded chunk statistics
+    chunk_std: torch.Tensor | None = None
+
+
+def tokenize_checkpoints(source: str | os.PathLike, *, modules: Sequence[str], scheme: str = "dnd",
+                         chunk: int | None = None, token_shape: Sequence[int] | None = None,
+                         max_checkpoints: int | None = None, progress=None) -> TokenSet:
+    """Tokenize the checkpoints of `source` (see `find_checkpoints`), one at a time, into one tensor."""
+    ckpts = find_checkpoints(source, max_checkpoints)
+    header = check_consistent(ckpts)
+    layout = build_layout(header.shapes, header.dtypes, header.config, modules=modules, scheme=scheme,
+                          chunk=chunk, token_shape=token_shape)
+    log.info("tokenizing %d checkpoints (steps %d..%d) into %d tokens of %s (%s)", len(ckpts), ckpts[0].step,
+             ckpts[-1].step, layout.num_tokens, layout.token_shape, scheme)
+    items = progress(ckpts, len(ckpts), "tokenize") if progress else ckpts
+    tokens = encode_all((read_adapter(ck.path).tensors for ck in items), layout, len(ckpts))
+    return _token_set(tokens, layout, [ck.step for ck in ckpts], [str(ck.path) for ck in ckpts])
+
+
+def tokenize_adapters(adapters: Sequence[Adapter], *, modules: Sequence[str], scheme: str = "dnd",
+                      chunk: int | None = None, token_shape: Sequence[int] | None = None) -> TokenSet:
+    """In-memory variant of tokenize_checkpoints for adapters that share one layout (tests, the generator)."""
+    first = adapters[0]
+    layout = build_layout({k: list(v.shape) for k, v in first.tensors.items()},
+                          {k: str(v.dtype).removeprefix("torch.") for k, v in first.tensors.items()},
+                          first.config, modules=modules, scheme=scheme, chunk=chunk, token_shape=token_shape)
+    tokens = encode_all((a.tensors for a in adapters), layout, len(adapters))
+    return _token_set(tokens, layout, list(range(len(adapters))), [str(a.path) for a in adapters])
+
+
+def encode_all(checkpoints, layout: Layout, n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    tokens = torch.zeros((n, *layout.shape), dtype=torch.float32)
+    means = stds = None
+    if layout.scheme == "dnd":
+        means, stds = torch.empty(n, layout.num_tokens), torch.empty(n, layout.num_tokens)
+        padded = codec.padded_tokens(layout)
+        for i, tensors in enumerate(checkpoints):
+            means[i], stds[i] = codec.encode_dnd(tensors, layout, tokens[i], padded)
+    else:
+        for i, tensors in enumerate(checkpoints):
+            codec.encode_flat_raw(tensors, layout, tokens[i])
+        codec.normalise_flat(tokens, layout)
+    return tokens, means, stds
+
+
+def _token_set(encoded, layout: Layout, steps: list[int], sources: list[str]) -> TokenSet:
+    tokens, means, stds = encoded
+    mask = layout.mask()
+    return TokenSet(tokens, layout, mask, token_std(tokens, mask), steps, sources, means, stds)
+
+
+def token_std(tokens: torch.Tensor, mask: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Per-token std across checkpoints, averaged over the token's real cells (block by block: small temporaries)."""
+    out = torch.empty(tokens.shape[1])
+    real = mask.flatten(1).sum(1).clamp_min(1)
+    for s in range(0, tokens.shape[1], block):
+        std = tokens[:, s : s + block].std(0, correction=0) * mask[s : s + block]
+        out[s : s + block] = std.flatten(1).sum(1) / real[s : s + block]
+    return out
+
+
+def detokenize(tokens: torch.Tensor, layout: Layout) -> Adapter:
+    """Tokens [num_tokens, h, w] -> an Adapter (write it with `lora.adapter_io.write_adapter`)."""
+    return Adapter(dict(layout.adapter_config), codec.decode(tokens, layout))
+
+
+def save_token_set(ts: TokenSet, out_dir: str | os.PathLike) -> Path:
+    """Write tokens.safetensors, layout.json and checkpoints.json into `out_dir` (each atomically)."""
+    out_dir = Path(out_dir)
+    tensors = {"tokens": ts.tokens, "mask": ts.mask, "token_std": ts.token_std,
+               "steps": torch.tensor(ts.steps, dtype=torch.int64)}
+    if ts.chunk_mean is not None:
+        tensors.update(chunk_mean=ts.chunk_mean, chunk_std=ts.chunk_std)
+    with io.atomic_path(out_dir / TOKENS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "scheme": ts.layout.scheme})
+    ts.layout.save(out_dir / LAYOUT_NAME)
+    io.write_json(out_dir / "checkpoints.json", [{"step": s, "path": p} for s, p in zip(ts.steps, ts.sources, strict=True)])
+    return out_dir
+
+
+def load_token_set(path: str | os.PathLike) -> TokenSet:
+    """Read a directory written by `save_token_set` (the tokenize stage's run dir)."""
+    path = Path(path)
+    layout = Layout.load(path / LAYOUT_NAME)
+    f = path / TOKENS_NAME
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            t = {k: st.get_tensor(k) for k in st.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot read token file (truncated or corrupt?): {e}") from None
+    if "tokens" not in t or tuple(t["tokens"].shape[1:]) != layout.shape:
+        raise CheckpointError(f"{f}: tokens {list(t['tokens'].shape) if 'tokens' in t else 'missing'} do not fit "
+                              f"the layout {list(layout.shape)} of {path / LAYOUT_NAME}")
+    sources = [c["path"] for c in io.read_json(path / "checkpoints.json")] if (path / "checkpoints.json").is_file() else []
+    return TokenSet(t["tokens"], layout, t["mask"], t["token_std"], t["steps"].tolist(), sources,
+                    t.get("chunk_mean"), t.get("chunk_std"))

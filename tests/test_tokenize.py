@@ -1,0 +1,318 @@
+"""stage=tokenize: LoRA checkpoints <-> tokens, both schemes, the layout, bad inputs, analyze."""
+
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from loragen.bench.tokenize import MODULES, qwen_lora_shapes, random_qwen_adapter
+from loragen.errors import CheckpointError, ConfigError
+from loragen.lora.adapter_io import Adapter, read_adapter, write_adapter
+from loragen.lora.init import attach_lora
+from loragen.lora.tokenize import (
+    Layout,
+    default_chunk,
+    detokenize,
+    find_checkpoints,
+    load_token_set,
+    tokenize_adapters,
+    tokenize_checkpoints,
+)
+from loragen.lora.tokenize.analyze import analyze_checkpoints
+from loragen.models import load_model
+from tests.conftest import CONF, run_cli
+
+MINILM = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def model_cfg(name):
+    return OmegaConf.load(CONF / "model" / f"{name}.yaml")
+
+
+def tiny_adapter(paths, name, seed, r=4):
+    """attach_lora on all seven modules, lora_B random non-zero (seeded); returns (peft model, Adapter)."""
+    pm = attach_lora(load_model(model_cfg(name), paths).model, r=r, alpha=2 * r, dropout=0.0, target_modules=MODULES,
+                     init_seed=0)
+    g = torch.Generator().manual_seed(seed)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return pm, Adapter(pm.peft_config["default"].to_dict(), get_peft_model_state_dict(pm))
+
+
+def assert_round_trip(orig: Adapter, back: Adapter, chunk=None):
+    assert back.config == orig.config
+    assert list(back.tensors) and set(back.tensors) == set(orig.tensors)
+    for k, x in orig.tensors.items():
+        y = back.tensors[k]
+        assert y.shape == x.shape and y.dtype == x.dtype, k
+        err, scale = (y.float() - x.float()).abs(), x.float().abs()
+        if chunk:  # per dnd chunk: error <= 1e-6 of the chunk's largest magnitude
+            long = x.T if k.endswith("lora_B.weight") else x
+            e_long = err.T if k.endswith("lora_B.weight") else err
+            for s in range(0, long.shape[1], chunk):
+                assert e_long[:, s : s + chunk].max() <= 1e-6 * long[:, s : s + chunk].abs().max(), (k, s)
+        else:
+            assert err.max() <= 1e-6 * scale.max(), k
+
+
+def test_default_chunk_rule():
+    assert [default_chunk(h) for h in (896, 1536, 3584, 2304, 384, 64, 48)] == [128, 256, 512, 256, 64, 16, 8]
+
+
+def test_qwen05b_dnd_gives_4296_tokens_of_10x130_and_round_trips():
+    ads = [random_qwen_adapter(0), random_qwen_adapter(1)]
+    ads[1].tensors["base_model.model.model.layers.3.mlp.up_proj.lora_B.weight"].zero_()  # a constant chunk
+    ts = tokenize_adapters(ads, modules=MODULES, scheme="dnd")
+    assert ts.tokens.shape == (2, 4296, 10, 130) and ts.layout.chunk == 128
+    assert ts.layout.num_tokens // 24 == 179 and ts.mask.all()
+    assert ts.layout.num_tokens * 8 * 128 == sum(math.prod(s) for s in qwen_lora_shapes().values()) == 4_399_104
+    # token 0 is layer 0 q_proj lora_A[:, :128], z-scored, with its stats in the border (checked by hand)
+    a = ads[0].tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][:, :128].double()
+    m, s = a.mean(), a.std(correction=0)
+    tok = ts.tokens[0, 0].double()
+    assert torch.allclose(tok[1:9, 1:129], (a - m) / s, atol=1e-4)
+    assert torch.allclose(tok[0], 8 * m.expand(130).double(), atol=1e-7)
+    assert torch.allclose(tok[9], (torch.log(0.9 * s + 0.1) + 1.6).expand(130), atol=1e-6)
+    # the 8th token is the first chunk of q_proj's lora_B transposed, the 15th starts k_proj
+    b = ads[0].tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].T[:, :128].double()
+    assert torch.allclose(ts.tokens[0, 7, 1:9, 1:129].double(), (b - b.mean()) / b.std(correction=0), atol=1e-4)
+    for i, ad in enumerate(ads):
+        assert_round_trip(ad, detokenize(ts.tokens[i], ts.layout), chunk=128)
+    zero = detokenize(ts.tokens[1], ts.layout).tensors["base_model.model.model.layers.3.mlp.up_proj.lora_B.weight"]
+    assert torch.count_nonzero(zero) == 0 and torch.isfinite(ts.tokens).all()
+
+
+def test_qwen05b_flat_round_trips_with_stats_in_layout():
+    ads = [random_qwen_adapter(2), random_qwen_adapter(3)]
+    ts = tokenize_adapters(ads, modules=MODULES, scheme="flat", token_shape=[8, 50])
+    assert ts.tokens.shape == (2, math.ceil(4_399_104 / 400), 8, 50)
+    assert int(ts.mask.sum()) == 4_399_104 and ts.tokens[:, ~ts.mask].abs().max() == 0
+    slot = ts.layout.tensors[0]
+    both = torch.stack([a.tensors[slot.name] for a in ads]).double()
+    assert slot.name.endswith("layers.0.self_attn.q_proj.lora_A.weight")
+    assert slot.mean == pytest.approx(both.mean().item(), abs=1e-9) and slot.std == pytest.approx(both.std(correction=0).item(), rel=1e-6)
+    layout = Layout.from_dict(json.loads(json.dumps(ts.layout.to_dict())))  # via JSON, as the generator reads it
+    for i, ad in enumerate(ads):
+        assert_round_trip(ad, detokenize(ts.tokens[i], layout))
+
+
+def test_bf16_adapters_round_trip_exactly():
+    ad = random_qwen_adapter(4, dtype=torch.bfloat16)
+    for scheme in ("dnd", "flat"):
+        ts = tokenize_adapters([ad], modules=MODULES, scheme=scheme)
+        back = detokenize(ts.tokens[0], ts.layout)
+        assert all(torch.equal(back.tensors[k], v) for k, v in ad.tensors.items())
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_llama", "tiny_gemma2"])
+def test_tiny_round_trip_loads_in_peft_with_same_logits(paths, tmp_path, name):
+    pm, ad = tiny_adapter(paths, name, seed=1)
+    ad2 = tiny_adapter(paths, name, seed=2)[1]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = pm(ids).logits
+    for scheme in ("dnd", "flat"):
+        ts = tokenize_adapters([ad, ad2], modules=MODULES, scheme=scheme)
+        assert_round_trip(ad, detokenize(ts.tokens[0], ts.layout), chunk=ts.layout.chunk or None)
+        write_adapter(tmp_path / scheme, detokenize(ts.tokens[0], ts.layout))
+        with torch.no_grad():
+            loaded = PeftModel.from_pretrained(load_model(model_cfg(name), paths).model, tmp_path / scheme).eval()
+            assert torch.allclose(loaded(ids).logits, expected, atol=1e-5), scheme
+    assert not torch.allclose(load_model(model_cfg(name), paths).model(ids).logits, expected, atol=1e-3)
+
+
+def test_padded_chunks_are_masked_and_round_trip(paths):
+    ad = tiny_adapter(paths, "tiny_gemma2", seed=3)[1]  # hidden 48, kv 24, intermediate 96
+    ts = tokenize_adapters([ad], modules=MODULES, scheme="dnd", chunk=20)
+    # ceil(long axis / 20) for A then B^T: q 48,48 | k 48,24 | v 48,24 | o 48,48 | up 48,96 | gate 48,96 | down 96,48
+    per_layer = (3 + 3) + (3 + 2) + (3 + 2) + (3 + 3) + (3 + 5) + (3 + 5) + (5 + 3)
+    assert ts.layout.num_tokens == 3 * per_layer
+    data_cells = sum(v.numel() for v in ad.tensors.values())
+    assert int(ts.mask.sum()) == data_cells + ts.layout.num_tokens * (2 * 22 + 2 * 4)
+    assert ts.tokens[0][~ts.mask].abs().max() == 0
+    assert_round_trip(ad, detokenize(ts.tokens[0], ts.layout), chunk=20)
+
+
+def test_minilm_module_order_uses_longest_suffix():
+    shapes = {}
+    for layer in (1, 0):
+        for m, (i, o) in reversed(list({"attention.self.query": (384, 384), "attention.self.key": (384, 384),
+                                         "attention.self.value": (384, 384), "attention.output.dense": (384, 384),
+                                         "intermediate.dense": (384, 1536), "output.dense": (1536, 384)}.items())):
+            p = f"base_model.model.encoder.layer.{layer}.{m}"
+            shapes[p + ".lora_B.weight"], shapes[p + ".lora_A.weight"] = (o, 8), (8, i)
+    g = torch.Generator().manual_seed(0)
+    ad = Adapter({"r": 8, "target_modules": MINILM}, {k: torch.randn(s, generator=g) for k, s in shapes.items()})
+    ts = tokenize_adapters([ad], modules=MINILM, scheme="dnd")
+    names = [s.name.removeprefix("base_model.model.encoder.layer.") for s in ts.layout.tensors]
+    assert names[:12:2] == ["0.attention.self.query.lora_A.weight", "0.attention.self.key.lora_A.weight",
+                            "0.attention.self.value.lora_A.weight", "0.attention.output.dense.lora_A.weight",
+                            "0.intermediate.dense.lora_A.weight", "0.output.dense.lora_A.weight"]
+    assert names[1] == "0.attention.self.query.lora_B.weight" and names[12].startswith("1.attention.self.query")
+    assert ts.layout.chunk == 64 and ts.layout.token_shape == [10, 66]
+    assert_round_trip(ad, detokenize(ts.tokens[0], ts.layout), chunk=64)
+
+
+def make_run_dir(root: Path, steps, names=None):
+    """A lora run dir: checkpoints/<name> for each step plus final/; returns {step: Adapter}."""
+    ads = {}
+    for i, step in enumerate(steps):
+        ad = random_qwen_adapter(10 + i)
+        ad.tensors = {k: v for k, v in ad.tensors.items() if ".layers.0." in k}  # one layer keeps it small
+        ads[step] = ad
+        write_adapter(root / "checkpoints" / (names[i] if names else f"step-{step}"), ad)
+    write_adapter(root / "final", random_qwen_adapter(99))
+    return ads
+
+
+def test_checkpoints_are_ordered_by_step_not_listing(tmp_path):
+    make_run_dir(tmp_path, [100, 2, 10, 30])
+    assert [c.step for c in find_checkpoints(tmp_path)] == [2, 10, 30, 100]
+    assert [c.path.name for c in find_checkpoints(tmp_path, 2)] == ["step-30", "step-100"]
+    assert [c.step for c in find_checkpoints(tmp_path / "checkpoints")] == [2, 10, 30, 100]
+
+
+def test_stage_writes_tokens_layout_and_token_std(tmp_path):
+    ads = make_run_dir(tmp_path / "run", [100, 2, 10])
+    out = tmp_path / "out"
+    run_cli(["stage=tokenize", "model=qwen2.5-0.5b", f"tokenize.checkpoints={tmp_path / 'run'}",
+             "tokenize.max_checkpoints=2", f"hydra.run.dir={out}"])
+    ts = load_token_set(out)
+    assert ts.steps == [10, 100] and ts.tokens.shape == (2, 179, 10, 130)
+    raw = load_file(str(out / "tokens.safetensors"))
+    assert set(raw) == {"tokens", "mask", "token_std", "steps", "chunk_mean", "chunk_std"}
+    for i, step in enumerate([10, 100]):
+        assert_round_trip(ads[step], detokenize(ts.tokens[i], ts.layout), chunk=128)
+    expected = (ts.tokens[1] - ts.tokens[0]).abs() / 2  # std of two values, per cell
+    assert torch.allclose(ts.token_std, expected.mean((1, 2)), rtol=1e-4, atol=1e-7)
+    a = ads[100].tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][:, :128].double()
+    assert ts.chunk_std[1, 0].item() == pytest.approx(a.std(correction=0).item(), rel=1e-5)
+    assert json.loads((out / "layout.json").read_text())["adapter_config"] == ads[10].config
+
+
+def test_analyze_reports_norms_rank_and_cosine(tmp_path):
+    shapes = {k: s for k, s in qwen_lora_shapes(r=4).items() if ".layers.0.self_attn.q_proj" in k}
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(shapes[next(k for k in shapes if "lora_A" in k)], generator=g)
+    bs = [torch.randn(896, 4, generator=g), torch.zeros(896, 4)]
+    bs[1][:, :2] = torch.randn(896, 2, generator=g)  # rank 2
+    for step, b in zip((5, 7), bs, strict=True):
+        write_adapter(tmp_path / f"step-{step}", config={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]},
+                      tensors={k: (a if "lora_A" in k else b) for k in shapes})
+    rows = analyze_checkpoints(find_checkpoints(tmp_path))
+    dw = [2.0 * (b.double() @ a.double()) for b in bs]
+    assert [r["rank"] for r in rows] == [4, 2]
+    assert rows[1]["dw_norm"] == pytest.approx(dw[1].norm().item(), rel=1e-9)
+    cos = (dw[0] * dw[1]).sum() / (dw[0].norm() * dw[1].norm())
+    assert rows[0]["cos_prev"] is None and rows[1]["cos_prev"] == pytest.approx(cos.item(), rel=1e-9)
+    proc = run_cli(["stage=tokenize", "tokenize.analyze=true", f"tokenize.checkpoints={tmp_path}",
+                    f"hydra.run.dir={tmp_path / 'out'}"])
+    assert "| model.layers.0.self_attn.q_proj |" in proc.stdout and (tmp_path / "out" / "analysis.json").is_file()
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def two_checkpoints(root: Path, edit) -> Path:
+    """step-1 fine, step-2 changed by edit(config, tensors)."""
+    for step in (1, 2):
+        ad = random_qwen_adapter(step, r=2)
+        ad.tensors = {k: v for k, v in ad.tensors.items() if ".layers.0.self_attn." in k}
+        if step == 2:
+            edit(ad.config, ad.tensors)
+        write_adapter(root / f"step-{step}", ad)
+    return root
+
+
+def test_mismatched_rank_names_file_and_key(tmp_path):
+    def edit(c, t):
+        c["r"] = 4
+    two_checkpoints(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'step-2'}: adapter_config r=4 differs from 2"):
+        tokenize_checkpoints(tmp_path, modules=MODULES)
+
+
+def test_mismatched_target_modules_and_shapes_name_file_and_key(tmp_path):
+    two_checkpoints(tmp_path / "t", lambda c, t: c.update(target_modules=["q_proj"]))
+    with pytest.raises(CheckpointError, match=r"step-2: adapter_config target_modules=\['q_proj'\] differs"):
+        tokenize_checkpoints(tmp_path / "t", modules=MODULES)
+    key = "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"
+    two_checkpoints(tmp_path / "s", lambda c, t: t.update({key: torch.zeros(64, 2)}))
+    with pytest.raises(CheckpointError, match=rf"step-2/adapter_model.safetensors: tensor {key} is float32 \[64, 2\], "
+                                              r"expected float32 \[128, 2\]"):
+        tokenize_checkpoints(tmp_path / "s", modules=MODULES)
+    two_checkpoints(tmp_path / "m", lambda c, t: t.pop(key))
+    with pytest.raises(CheckpointError, match=f"step-2/adapter_model.safetensors: tensor {key} is missing"):
+        tokenize_checkpoints(tmp_path / "m", modules=MODULES)
+
+
+def test_truncated_safetensors_is_named_and_nothing_written(tmp_path):
+    two_checkpoints(tmp_path / "c", lambda c, t: None)
+    f = tmp_path / "c" / "step-2" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"{f}: cannot read safetensors file"):
+        tokenize_checkpoints(tmp_path / "c", modules=MODULES)
+    proc = run_cli(["stage=tokenize", "model=qwen2.5-0.5b", f"tokenize.checkpoints={tmp_path / 'c'}",
+                    f"hydra.run.dir={tmp_path / 'out'}"], check=False)
+    assert proc.returncode == 2 and f"{f}: cannot read safetensors file" in proc.stderr
+    assert not (tmp_path / "out" / "tokens.safetensors").exists() and not (tmp_path / "out" / "layout.json").exists()
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {Path(os.environ.get('EVIL_MARK', '/tmp/loragen-evil'))}",))
+
+
+def test_pickle_checkpoint_is_loaded_weights_only(tmp_path):
+    mark = tmp_path / "pwned"
+    os.environ["EVIL_MARK"] = str(mark)
+    d = tmp_path / "step-1"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"r": 2, "target_modules": ["q_proj"]}))
+    (d / "adapter_model.bin").write_bytes(pickle.dumps({"x.lora_A.weight": Evil()}))
+    with pytest.raises(CheckpointError, match=f"{d / 'adapter_model.bin'}: cannot load with weights_only=True"):
+        tokenize_checkpoints(tmp_path, modules=MODULES)
+    assert not mark.exists()
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    torch.save({f"{key}.lora_A.weight": torch.ones(2, 8), f"{key}.lora_B.weight": torch.ones(8, 2)}, d / "adapter_model.bin")
+    ts = tokenize_checkpoints(tmp_path, modules=MODULES, chunk=4)
+    assert torch.equal(detokenize(ts.tokens[0], ts.layout).tensors[f"{key}.lora_B.weight"], torch.ones(8, 2))
+
+
+def test_non_finite_values_name_file_and_tensor(tmp_path):
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
+
+    def edit(c, t):
+        t[key][1, 3] = float("inf")
+    two_checkpoints(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=f"step-2/adapter_model.safetensors: tensor {key} has non-finite values"):
+        tokenize_checkpoints(tmp_path, modules=MODULES)
+
+
+def test_other_bad_inputs_are_named(tmp_path):
+    two_checkpoints(tmp_path / "ok", lambda c, t: None)
+    with pytest.raises(ConfigError, match=r"module 'self_attn.._proj' is not in model.linear_modules \['query'"):
+        tokenize_checkpoints(tmp_path / "ok", modules=MINILM)
+    with pytest.raises(ConfigError, match=r"tokenize.scheme='zip'; expected one of \('dnd', 'flat'\)"):
+        tokenize_checkpoints(tmp_path / "ok", modules=MODULES, scheme="zip")
+    with pytest.raises(ConfigError, match=r"tokenize.token_shape=\[8\]; expected two positive sizes"):
+        tokenize_checkpoints(tmp_path / "ok", modules=MODULES, scheme="flat", token_shape=[8])
+    with pytest.raises(CheckpointError, match="no such directory"):
+        tokenize_checkpoints(tmp_path / "nope", modules=MODULES)
+    write_adapter(tmp_path / "named" / "best", read_adapter(tmp_path / "ok" / "step-1"))
+    write_adapter(tmp_path / "named" / "step-3", read_adapter(tmp_path / "ok" / "step-1"))
+    with pytest.raises(CheckpointError, match="best: cannot order this checkpoint, its name has no step number"):
+        find_checkpoints(tmp_path / "named")
+    ts = tokenize_checkpoints(tmp_path / "ok", modules=MODULES)
+    with pytest.raises(CheckpointError, match=r"tokens of shape \[3, 4, 130\] do not fit the layout \[44, 4, 130\]"):
+        detokenize(ts.tokens[0, :3], ts.layout)
+    proc = run_cli(["stage=tokenize", f"hydra.run.dir={tmp_path / 'out'}"], check=False)
+    assert proc.returncode == 2 and "tokenize.checkpoints is not set" in proc.stderr
