@@ -145,7 +145,7 @@ def test_generator_configs():
     small = compose(["stage=generator"]).generator
     feats = OmegaConf.to_container(small.features, resolve=True)
     assert feats[0] == [small.num_prompts, small.prompt_len, 384] and small.num_prompts <= 32 and small.prompt_len == 64
-    assert small.kernel_size == 3 and feats[-1] == [192, 10, 50]
+    assert small.kernel_size == 3 and feats[-1] == [144, 10, 66]
     assert 1e6 < param_count(feats, small.kernel_size) < 5e6
     big = compose(["stage=generator", "generator=dnd_qwen0.5b"]).generator
     feats = OmegaConf.to_container(big.features, resolve=True)
