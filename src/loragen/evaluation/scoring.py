@@ -2,8 +2,7 @@
 
 Causal scoring follows lm-evaluation-harness: pairs tokenized as `tokenization.encode_pair`, inputs
 `(ctx + cont)[-(max_length + 1):][:-1]`, the log-probabilities of the continuation tokens
-summed. Requests are sorted by length and batched (right padding), so choices of one question
-are scored together and no pair is computed twice.
+summed. Requests are sorted by length and batched with left padding and explicit position ids.
 """
 
 from __future__ import annotations
@@ -43,26 +42,39 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
+        # Left padding: every row ends at the same position, so only the last `keep` positions
+        # need logits (the lm_head over the whole sequence is the costly part for large vocabularies).
         width = max(len(seqs[i][0]) - 1 for i in idx)
+        keep = max(seqs[i][1] for i in idx)
         inp = torch.full((len(idx), width), pad, dtype=torch.long)
         att = torch.zeros((len(idx), width), dtype=torch.long)
         rows, cols, targets, owner = [], [], [], []
         for row, i in enumerate(idx):
             whole, n_cont = seqs[i]
             n_in = len(whole) - 1
-            inp[row, :n_in] = torch.tensor(whole[:-1])
-            att[row, :n_in] = 1
-            rows += [row] * n_cont  # logits at [n_in - n_cont, n_in) predict the continuation tokens
-            cols += range(n_in - n_cont, n_in)
+            inp[row, width - n_in:] = torch.tensor(whole[:-1])
+            att[row, width - n_in:] = 1
+            rows += [row] * n_cont
+            cols += range(keep - n_cont, keep)  # within the kept positions
             targets += whole[-n_cont:]
             owner += [i] * n_cont
-        logits = model(input_ids=inp.to(device), attention_mask=att.to(device)).logits
+        pos = (att.cumsum(-1) - 1).clamp_min(0)
+        logits = _last_logits(model, inp.to(device), att.to(device), pos.to(device), keep)
         picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
         logp = torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
         out.index_add_(0, torch.tensor(owner), logp.double().cpu())
         if progress is not None:
             progress.update(len(idx))
     return out.tolist()
+
+
+def _last_logits(model, inp, att, pos, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions ([B, keep, V])."""
+    try:
+        logits = model(input_ids=inp, attention_mask=att, position_ids=pos, logits_to_keep=keep).logits
+    except TypeError:  # a model class without logits_to_keep
+        logits = model(input_ids=inp, attention_mask=att, position_ids=pos).logits
+    return logits[:, -keep:]  # also right when logits_to_keep was accepted but ignored
 
 
 @torch.no_grad()
