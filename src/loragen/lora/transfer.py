@@ -206,28 +206,35 @@ def _side(Bs: torch.Tensor, Bt: torch.Tensor, k: int, rank_svd: int) -> _Side:
     return _Side(min(sim, 1.0), k * d / (ds * dt), Bs, Bt)  # U_t U_sᵀ
 
 
-def project(delta: torch.Tensor, src: SVD, tgt: SVD, rank_svd: int) -> tuple[torch.Tensor, dict]:
-    """ΔW_t for ΔW_s = `delta`, with the similarities of both sides."""
+def project(left: torch.Tensor, right: torch.Tensor, src: SVD, tgt: SVD, rank_svd: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """ΔW_t = L ΔW_s Rᵀ for ΔW_s = left @ right, returned as factors (L·left) @ (right·Rᵀ).
+
+    The map is linear in ΔW_s, so the factors give the very matrix of the formula on ΔW_s; ΔW_t
+    keeps rank ≤ r, which makes its re-factorization cheap (`refactor`).
+    """
     k = min(src.k, tgt.k)
     out, inp = _side(src.U, tgt.U, k, rank_svd), _side(src.V, tgt.V, k, rank_svd)
-    dw = out.apply(inp.apply(delta.T).T)
     stats = {"k": k, "similarity": min(out.similarity, inp.similarity), "similarity_out": out.similarity,
              "similarity_in": inp.similarity, "random_level": min(out.random_level, inp.random_level)}
-    return dw, stats
+    return out.apply(left), inp.apply(right.T).T, stats
 
 
-def refactor(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Rank-r factors (A′ (r, in), B′ (out, r)) of `delta`, with ‖ΔW − B′A′‖_F / ‖ΔW‖_F."""
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+def refactor(left: torch.Tensor, right: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r SVD factors A′ = √S Vᵀ (r, in), B′ = U √S (out, r) of ΔW = left @ right.
+
+    The SVD of the product is taken through thin QRs of its factors (ΔW = Q_l (R_l R_rᵀ) Q_rᵀ), so
+    it costs O((out + in)·r²) instead of a dense SVD of ΔW.
+    """
+    ql, rl = torch.linalg.qr(left)
+    qr_, rr = torch.linalg.qr(right.T)
+    um, S, vmh = torch.linalg.svd(rl @ rr.T)
     q = min(r, S.shape[0])
     root = S[:q].sqrt()
-    B, A = U[:, :q] * root, root[:, None] * Vh[:q]
+    B, A = (ql @ um[:, :q]) * root, root[:, None] * (vmh[:q] @ qr_.T)
     if q < r:  # rank r exceeds the target's dims: the extra components are exactly zero
         B = torch.cat([B, B.new_zeros(B.shape[0], r - q)], dim=1)
         A = torch.cat([A, A.new_zeros(r - q, A.shape[1])], dim=0)
-    norm = float(delta.norm())
-    err = float((delta - B @ A).norm()) / norm if norm > 0 else 0.0
-    return A, B, err
+    return A, B
 
 
 # ---- the transfer -----------------------------------------------------------------------------------
@@ -308,16 +315,18 @@ def transfer_adapter(adapter: Adapter, source: ModelWeights, target: ModelWeight
                 rows.append({"target_module": None, "source_module": sname, "transferred": False,
                              "reason": f"target layer {j} has no {suffix_map[suffix]}"})
                 continue
-            delta = scale * (B.float() @ A.float())
-            dw, stats = project(delta, svd(source, sname), svd(target, tname), settings.rank_svd)
+            left, right = scale * B.float(), A.float()
+            lt, rt, stats = project(left, right, svd(source, sname), svd(target, tname), settings.rank_svd)
+            dw = lt @ rt
             row = {"target_module": tname, "source_module": sname, "source_shape": list(source.shapes[sname]),
                    "target_shape": list(target.shapes[tname]), **stats,
-                   "norm_delta_source": float(delta.norm()), "norm_delta_target": float(dw.norm())}
+                   "norm_delta_source": float((left @ right).norm()), "norm_delta_target": float(dw.norm())}
             if stats["similarity"] + 1e-9 < settings.similarity_threshold:
                 row.update(transferred=False, reason=f"similarity {stats['similarity']:.4f} < threshold "
                                                      f"{settings.similarity_threshold}")
             else:
-                a2, b2, err = refactor(dw, A.shape[0])
+                a2, b2 = refactor(lt, rt, A.shape[0])
+                err = float((dw - b2 @ a2).norm() / dw.norm()) if dw.norm() > 0 else 0.0
                 row.update(transferred=True, reason="", rank=a2.shape[0], rel_reconstruction_error=err)
                 tensors[f"{PEFT_PREFIX}{tname}.lora_A.weight"] = a2.to(A.dtype).contiguous()
                 tensors[f"{PEFT_PREFIX}{tname}.lora_B.weight"] = b2.to(B.dtype).contiguous()
