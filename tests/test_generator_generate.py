@@ -98,8 +98,9 @@ def test_generate_writes_loadable_adapters(trained, tmp_path):
 
     run, cache = trained
     out = tmp_path / "generate"
+    # dataset=arc_easy (the default) lacks openbookqa: its spec comes from the checkpoint
     run_stage(["stage=generate", f"generate.checkpoint={run}", "generate.num_adapters=2", "generate.seed=3",
-               "dataset=commonsense6", "tracker=none", f"hydra.run.dir={out}", f"paths.cache_dir={cache}", *GEN])
+               "tracker=none", f"hydra.run.dir={out}", f"paths.cache_dir={cache}", *GEN])
     summary = json.loads((out / "generate.json").read_text())
     assert summary["prompts"]["split"] == "test" and summary["prompts"]["dataset"] == "openbookqa"
     assert len(summary["adapters"]) == 2 and all(a["seconds"] > 0 for a in summary["adapters"])
