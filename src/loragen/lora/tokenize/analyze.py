@@ -8,12 +8,14 @@ of BA are those of R_B R_A^T from the QR factorisations of B and A^T.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
 
 from loragen.lora.adapter_io import lora_pairs, read_adapter
 from loragen.lora.tokenize.checkpoints import Checkpoint
+from loragen.lora.tokenize.codec import single_thread
 
 
 def module_stats(a: torch.Tensor, b: torch.Tensor, scale: float) -> dict[str, Any]:
@@ -37,17 +39,27 @@ def dw_cosine(prev: tuple[torch.Tensor, torch.Tensor], cur: tuple[torch.Tensor, 
 
 def analyze_checkpoints(ckpts: list[Checkpoint], progress=None) -> list[dict[str, Any]]:
     """One record per (checkpoint, module): step, module, norms, mean/std, rank of dW, cosine to the previous."""
+    with single_thread():  # r x r linear algebra: 260x faster on one thread on a loaded 2-core machine
+        return _analyze(ckpts, progress)
+
+
+def _analyze(ckpts: list[Checkpoint], progress) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     prev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for ck in progress(ckpts, len(ckpts), "analyze") if progress else ckpts:
         ad = read_adapter(ck.path)
         pairs = lora_pairs(ad.tensors)
-        for prefix, (a, b) in pairs.items():
+        for prefix, (a, b) in sorted(pairs.items(), key=lambda kv: _natural(kv[0])):
             name = prefix.removeprefix("base_model.model.")
             cos = dw_cosine(prev[prefix], (a, b)) if prefix in prev else None
             rows.append({"step": ck.step, "module": name, **module_stats(a, b, ad.scale), "cos_prev": cos})
         prev = pairs
     return rows
+
+
+def _natural(name: str) -> list:
+    """Sort key putting layer 10 after layer 9."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
