@@ -51,6 +51,8 @@ def run_stage(overrides: list[str]) -> dict:
         cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
     HydraConfig.instance().set_config(cfg)
     Path(cfg.hydra.run.dir).mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        del cfg["hydra"]  # the job config, as @hydra.main hands it to the CLI
     return dispatch(cfg)
 
 
