@@ -20,7 +20,8 @@ from loragen.lora.transfer import (
     transfer_adapter,
 )
 from loragen.models import load_model, resolve_model_path
-from tests.conftest import CONF, run_cli
+from loragen.stages.transfer import source_model_config, transfer_settings
+from tests.conftest import CONF, compose, run_cli
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
@@ -234,3 +235,15 @@ def test_cli_transfer(gemma, tmp_path):
                    f"transfer.source_adapter={gemma['dir']}", "transfer.similarity_threshold=2",
                    f"hydra.run.dir={tmp_path / 'bad'}"], check=False)
     assert bad.returncode == 2 and "transfer.similarity_threshold=2 is outside [0, 1]" in bad.stderr
+
+
+def test_stage_config_errors():
+    t = compose(["stage=transfer"]).transfer
+    with pytest.raises(ConfigError, match=r"transfer.source_model is not set; usage: loragen stage=transfer"):
+        transfer_settings(t)
+    t.source_model, t.source_adapter, t.layer_map = "tiny_gemma2", "x", "width"
+    with pytest.raises(ConfigError, match=r"transfer.layer_map='width'; expected one of \['index', 'depth'\]"):
+        transfer_settings(t)
+    with pytest.raises(ConfigError, match=r"transfer.source_model='nope': no .*nope.yaml; valid: \[.*'tiny_qwen2'"):
+        source_model_config("nope")
+    assert source_model_config("tiny_gemma2").tiny.hidden_size == 48

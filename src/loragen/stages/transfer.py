@@ -26,14 +26,8 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict:
     out = runtime.run_dir()
     t = cfg.transfer
-    for key in ("source_model", "source_adapter"):
-        if not t.get(key):
-            raise ConfigError(f"transfer.{key} is not set; usage: loragen stage=transfer model=<target> "
-                              "transfer.source_model=<model config name> transfer.source_adapter=<adapter dir>")
+    settings = transfer_settings(t)  # every config check before any weight is read
     source_cfg = source_model_config(str(t.source_model))
-    settings = TransferSettings(rank_svd=t.rank_svd, similarity_threshold=t.similarity_threshold,
-                                layer_map=t.layer_map, module_map=dict(t.module_map or {}))
-    settings.check()  # before any weight is read
 
     adapter = read_adapter(t.source_adapter)
     source_path = resolve_model_path(source_cfg, cfg.paths)
@@ -45,7 +39,7 @@ def run(cfg: DictConfig) -> dict:
                "target_model": cfg.model.name, "target_model_path": target_path,
                "settings": OmegaConf.to_container(t, resolve=True), "num_modules": len(result.modules),
                "num_transferred": len(result.transferred), "svd_cache": {"hits": cache.hits, "computed": cache.misses},
-               "modules": result.modules}
+               "adapter_path": str(out / "adapter"), "modules": result.modules}
     if runtime.is_main():
         io.write_json(out / "transfer_report.json", {**summary, "provenance": provenance.provenance(cfg)})
         io.write_text(out / "transfer_report.md", report_markdown(summary, result))
@@ -53,6 +47,17 @@ def run(cfg: DictConfig) -> dict:
         write_adapter(out / "adapter", config=result.config, tensors=result.tensors)
         log.info("transferred %d of %d modules; adapter in %s", len(result.transferred), len(result.modules), out / "adapter")
     return summary
+
+
+def transfer_settings(t: DictConfig) -> TransferSettings:
+    for key in ("source_model", "source_adapter"):
+        if not t.get(key):
+            raise ConfigError(f"transfer.{key} is not set; usage: loragen stage=transfer model=<target> "
+                              "transfer.source_model=<model config name> transfer.source_adapter=<adapter dir>")
+    settings = TransferSettings(rank_svd=t.rank_svd, similarity_threshold=t.similarity_threshold,
+                                layer_map=t.layer_map, module_map=dict(t.module_map or {}))
+    settings.check()
+    return settings
 
 
 def source_model_config(name: str) -> DictConfig:
