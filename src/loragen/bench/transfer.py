@@ -1,5 +1,5 @@
 """Transfer of a Qwen2.5-0.5B-shaped LoRA (r=8 on q_proj/v_proj, 24 layers) between two random
-0.5B-shaped models on CPU: SVD cache cold (every SVD computed, as with the cache off, and written) vs warm.
+0.5B-shaped models on CPU: SVD cache off, on and empty (computes and writes), on and warm.
 
 The base weights are plain tensors of the real shapes (q_proj 896×896, v_proj 128×896), not whole
 models: the transfer only reads those weights.
@@ -46,14 +46,16 @@ def _timed(adapter, source, target, cache) -> float:
     return time.perf_counter() - t0
 
 
-def run() -> dict:
-    """Warm cache vs cold (empty) cache; a cold run computes every SVD, as a run with the cache off does,
-    and also writes the cache files (measured here: cold 198 s vs off 296 s under load, i.e. noise)."""
+def run() -> list[dict]:
     adapter, source, target = random_adapter(), random_model("bench/source", 1), random_model("bench/target", 2)
+    off = _timed(adapter, source, target, SVDCache(None))
     with tempfile.TemporaryDirectory() as d:
         cold = _timed(adapter, source, target, SVDCache(d))
         warm = _timed(adapter, source, target, SVDCache(d))
-    return {"name": "transfer_svd_cache", "metric": "seconds per transfer (cache warm vs cold)", "loragen": warm,
-            "reference": cold, "ratio": warm / cold, "target": "< 0.2",
-            "notes": f"Qwen2.5-0.5B shapes, r={R} on q/v x {LAYERS} layers, rank_svd=320, CPU, "
-                     f"{torch.get_num_threads()} threads; cold = every SVD computed (cache off) + written"}
+    notes = f"Qwen2.5-0.5B shapes, r={R} on q/v x {LAYERS} layers, rank_svd=320, CPU, {torch.get_num_threads()} threads"
+    return [
+        {"name": "transfer_svd_cache_warm", "metric": "seconds per transfer", "loragen": warm, "reference": off,
+         "ratio": warm / off, "target": "< 0.2 (cache warm vs off)", "notes": notes},
+        {"name": "transfer_svd_cache_cold", "metric": "seconds per transfer", "loragen": cold, "reference": off,
+         "ratio": cold / off, "target": "< 1.2 (writing the cache costs little)", "notes": notes},
+    ]
