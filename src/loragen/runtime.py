@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
@@ -33,6 +34,27 @@ def run_dir() -> Path:
     if _shared_run_dir is not None:
         return _shared_run_dir
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+@contextmanager
+def using_run_dir(path: Path) -> Iterator[Path]:
+    """Run a stage in-process with `path` as its run dir (pipeline steps), logging into path/loragen.log."""
+    global _shared_run_dir
+    previous = _shared_run_dir
+    _shared_run_dir = Path(path)
+    _shared_run_dir.mkdir(parents=True, exist_ok=True)
+    handler = None
+    if is_main():
+        handler = logging.FileHandler(_shared_run_dir / "loragen.log")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(handler)
+    try:
+        yield _shared_run_dir
+    finally:
+        _shared_run_dir = previous
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
 def share_run_dir(accelerator) -> Path:

@@ -1,0 +1,139 @@
+"""The step engine. Each step is one stage run in its own subdirectory of the pipeline's run dir.
+
+A step records the fingerprint of the config that produced it (and of the steps it depends
+on) once it finishes. Running the pipeline again skips steps whose fingerprint matches and
+whose outputs exist, reruns a step whose config changed (and, through the fingerprint chain,
+everything that depends on it; the old outputs are moved aside, never overwritten), and
+resumes a step that was interrupted (no fingerprint yet) in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from loragen import io, runtime
+from loragen.errors import ConfigError
+
+log = logging.getLogger(__name__)
+FINGERPRINT = "fingerprint.json"
+# Keys that do not change what a step computes.
+IGNORED_KEYS = ("tracker", "paths.cache_dir")
+
+
+@dataclass
+class Step:
+    name: str                 # its subdirectory, e.g. "lora_source/arc_easy"
+    overrides: list[str]      # Hydra overrides composing its config (on top of the pipeline's shared ones)
+    outputs: list[str]        # files (relative to its dir) that exist once it has finished
+    deps: list[str] = field(default_factory=list)
+
+
+def quote(value: Any) -> str:
+    """A value as a Hydra override string (paths with odd characters, lists, null)."""
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(quote(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return str(value)
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def shared_overrides(cfg: DictConfig) -> list[str]:
+    """What every step inherits from the pipeline run: hardware, tracker, seed, paths and data settings."""
+    out = [f"hardware={cfg.hardware.name}", f"tracker={cfg.tracker.name}", f"seed={cfg.seed}"]
+    for group in ("hardware", "tracker", "paths", "data"):
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
+            if key != "name" and not isinstance(value, dict):
+                out.append(f"{group}.{key}={quote(value)}")
+    return out
+
+
+def compose_step(step: Step, shared: list[str]) -> DictConfig:
+    from hydra import compose
+
+    try:
+        return compose(config_name="config", overrides=shared + step.overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra's own message says what is wrong
+        raise ConfigError(f"pipeline step {step.name}: cannot compose its config ({e})") from None
+
+
+def fingerprint(cfg: DictConfig, dep_prints: Iterable[str]) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in IGNORED_KEYS:
+        head, *rest = key.split(".")
+        if rest and head in data:
+            data[head].pop(rest[0], None)
+        else:
+            data.pop(head, None)
+    blob = json.dumps([data, sorted(dep_prints)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict[str, dict]:
+    """Run `steps` (in dependency order) under `root`; `execute(step, cfg, step_dir)` runs one step.
+
+    Returns {step name: {"status": "done" | "skipped", "dir": str, "fingerprint": str}}.
+    """
+    status: dict[str, dict] = {}
+    by_name = {s.name: s for s in steps}
+    for step in steps:
+        missing = [d for d in step.deps if d not in status]
+        if missing:
+            unknown = [d for d in missing if d not in by_name]
+            raise ConfigError(f"pipeline step {step.name} depends on {unknown or missing}, "
+                              f"{'which no step defines' if unknown else 'listed after it'}")
+        cfg = compose_step(step, shared)
+        fp = fingerprint(cfg, [status[d]["fingerprint"] for d in step.deps])
+        step_dir = root / step.name
+        recorded = _read_fingerprint(step_dir)
+        if recorded == fp and all((step_dir / o).exists() for o in step.outputs):
+            log.info("step %-28s skipped (done, fingerprint %s)", step.name, fp)
+            status[step.name] = {"status": "skipped", "dir": str(step_dir), "fingerprint": fp}
+            continue
+        if recorded is not None and recorded != fp:
+            stale = step_dir.with_name(f"{step_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            step_dir.rename(stale)
+            log.info("step %-28s config changed: old outputs moved to %s", step.name, stale)
+        log.info("step %-28s running in %s", step.name, step_dir)
+        t0 = time.perf_counter()
+        execute(step, cfg, step_dir)
+        missing_out = [o for o in step.outputs if not (step_dir / o).exists()]
+        if missing_out:
+            raise ConfigError(f"pipeline step {step.name} finished without its outputs {missing_out} in {step_dir}")
+        if runtime.is_main():
+            io.write_json(step_dir / FINGERPRINT, {"fingerprint": fp, "deps": step.deps, "overrides": step.overrides,
+                                                   "seconds": round(time.perf_counter() - t0, 1)})
+        status[step.name] = {"status": "done", "dir": str(step_dir), "fingerprint": fp}
+    return status
+
+
+def run_in_process(step: Step, cfg: DictConfig, step_dir: Path) -> None:
+    """The local executor: the stage runs in this process, with step_dir as its run dir."""
+    from loragen.cli import run_stage
+
+    with runtime.using_run_dir(step_dir):
+        if runtime.is_main():
+            io.write_text(step_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        run_stage(cfg)
+
+
+def _read_fingerprint(step_dir: Path) -> str | None:
+    path = step_dir / FINGERPRINT
+    if not path.is_file():
+        return None
+    try:
+        return io.read_json(path)["fingerprint"]
+    except (ValueError, KeyError):
+        return None
