@@ -90,3 +90,34 @@ def test_paw_tiny_end_to_end(tmp_path):
     assert "| arc_easy (test, 20) |" in (run / "table.md").read_text() and "transferred" in proc.stdout
     again = run_cli(args)
     assert again.stderr.count("skipped (done") + again.stdout.count("skipped (done") == 8
+
+
+def test_dnd_recipe_end_to_end(tmp_path):
+    """lora x3 -> tokenize -> generator (one held out) -> generate -> evaluate -> table, tiny settings."""
+    run = tmp_path / "dnd"
+    gen = '["generator.num_prompts=4","generator.prompt_len=16","generator.prompt_pool=16",' \
+          '"generator.features=[[4,16,384],[8,8,64],[144,10,66]]"]'
+    gen_train = '["train.max_steps=4","train.eval_every=2","train.per_device_batch=2","generator.eval_adapters=1"]'
+    lora = '["train.max_steps=4","ckpt.every=2","train.per_device_batch=4","lora.train_limit=16","lora.eval_limit=8",' \
+           '"lora.final_eval_limit=8","lora.eval_base=false"]'
+    args = ["experiment=dnd_minilm", f"hydra.run.dir={run}", "pipeline.dnd.datasets=[arc_easy,arc_challenge,piqa]",
+            "pipeline.dnd.heldout=[piqa]", "pipeline.dnd.num_generated=2", f"pipeline.dnd.lora_overrides={lora}",
+            f"pipeline.dnd.generator_overrides={gen}", f"pipeline.dnd.generator_train_overrides={gen_train}",
+            'pipeline.dnd.eval_overrides=["eval.limit=30"]',
+            f"paths.cache_dir={tmp_path / 'cache'}"]
+    run_cli(args)
+    (row,) = json.loads((run / "table.json").read_text())["rows"]
+    results = json.loads((run / "evaluate" / "piqa" / "results.json").read_text())["results"]
+    by_path = {e["adapter_path"]: e for e in results}
+    assert row["split"] == "validation@eval" and row["n"] == 30 and row["base"] == by_path[None]["acc"]
+    assert row["oracle"] == by_path[str(run / "lora" / "piqa" / "final")]["acc"]
+    gen_accs = [e["acc"] for p, e in by_path.items() if p and "/generate/" in p]
+    assert len(gen_accs) == 2 and row["generated"] == pytest.approx(sum(gen_accs) / 2)
+    # The difference to base is the mean per-document difference, inside its own interval.
+    samples = [json.loads(x) for x in (run / "evaluate" / "piqa" / "samples.jsonl").read_text().splitlines()]
+    base = [s["acc"] for s in samples if s["label"] == "base"]
+    avg = [s["acc"] for s in samples if s["label"] == "average"]
+    diff, lo, hi = row["average_diff"]
+    assert diff == pytest.approx(sum(a - b for a, b in zip(avg, base)) / 30) and lo <= diff <= hi
+    assert row["nearest_dataset"] in ("arc_easy", "arc_challenge")
+    assert "| piqa (validation@eval, 30) |" in (run / "table.md").read_text()

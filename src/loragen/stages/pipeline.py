@@ -14,10 +14,10 @@ from omegaconf import DictConfig
 
 from loragen import io, runtime
 from loragen.errors import ConfigError
-from loragen.pipeline import engine, paw
+from loragen.pipeline import dnd, engine, paw
 
 log = logging.getLogger(__name__)
-RECIPES = {"paw": paw}
+RECIPES = {"paw": paw, "dnd": dnd}
 EXECUTORS = {"local": engine.run_in_process}
 
 
