@@ -93,7 +93,7 @@ def run(cfg: DictConfig) -> dict:
 
     # save: the generator, and on a held-out dataset the generated adapters and the baselines
     summary: dict[str, Any] = {"status": "completed", "step": result.step, "datasets": names, "heldout": heldout,
-                               "train": reconstruction(model.eval(), eval_batches, mask, layout)}
+                               "final": reconstruction(model.eval(), eval_batches, mask, layout)}
     if acc.is_main_process:
         save_generator(out, model, gen_cfg, layout, {
             "datasets": names, "heldout": heldout,
