@@ -64,7 +64,8 @@ def _submission_script(text: str, folder: Path) -> str | None:
     match = re.search(r"(\S*submission_file_\w+\.sh)", text)
     if match:
         return match.group(1)
-    scripts = sorted(folder.parent.glob("**/submission_file_*.sh"), key=lambda p: p.stat().st_mtime)
+    base = folder.parent if "%" in folder.name else folder
+    scripts = sorted(base.glob("*submission_file_*.sh"), key=lambda p: p.stat().st_mtime)
     return str(scripts[-1]) if scripts else None
 
 
@@ -76,7 +77,7 @@ def wait(jobs: Sequence, poll_s: float = 1.0, squeue_every_s: float = 5.0) -> li
     last_squeue = 0.0
     while pending:
         for i, job in list(pending.items()):
-            if job.done():
+            if finished(job):
                 outcomes[i] = _collect(i, job)
                 del pending[i]
         if pending and _is_slurm(next(iter(pending.values()))) and time.time() - last_squeue >= squeue_every_s:
@@ -86,13 +87,20 @@ def wait(jobs: Sequence, poll_s: float = 1.0, squeue_every_s: float = 5.0) -> li
                 state = states.get(job.job_id, "")
                 if state in FINAL_STATES:
                     ended_at.setdefault(i, time.time())
-                    if time.time() - ended_at[i] > GRACE_S and not job.done():
+                    if time.time() - ended_at[i] > GRACE_S and not finished(job):
                         outcomes[i] = Outcome(i, job.job_id, "failed", error=f"SLURM state {state} and no result",
                                               log=_log_path(job))
                         del pending[i]
         if pending:
             time.sleep(poll_s)
     return [outcomes[i] for i in range(len(jobs))]
+
+
+def finished(job) -> bool:
+    """Every task wrote its result file (for SLURM jobs this never calls sacct, unlike job.done())."""
+    if not _is_slurm(job):
+        return job.done()
+    return all(Path(sub.paths.result_pickle).exists() for sub in (job._sub_jobs or [job]))
 
 
 def _collect(i: int, job) -> Outcome:

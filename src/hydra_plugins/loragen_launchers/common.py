@@ -22,7 +22,7 @@ def call_job(parent_call, *args: Any) -> JobReturn:
     try:
         return parent_call(*args)
     except SystemExit as e:
-        if e.code in (None, 0):
+        if e.code in (None, 0, -1):  # -1: submitit's exit after requeueing a preempted/timed-out job
             raise
         raise JobExited(f"the job exited with status {e.code}") from None
 
@@ -41,8 +41,13 @@ def finish(outcomes, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
               for o in outcomes]
     try:
         jobs.summarise(outcomes, labels, sweep_dir / SUMMARY, what="sweep")
-    except jobs.JobsFailed as e:  # the CLI's way of reporting a user-facing error: one line, exit 2
-        log.error("%s", e)
-        print(f"loragen: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except jobs.JobsFailed as e:
+        exit_with(e)
     return returns
+
+
+def exit_with(e: Exception) -> None:
+    """The CLI's way of reporting a user-facing error: one line on stderr, exit status 2."""
+    log.error("%s", e)
+    print(f"loragen: error: {e}", file=sys.stderr)
+    sys.exit(2)

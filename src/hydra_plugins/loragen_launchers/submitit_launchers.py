@@ -12,7 +12,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
-from hydra_plugins.loragen_launchers.common import call_job, finish
+from hydra_plugins.loragen_launchers.common import call_job, exit_with, finish
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,10 @@ class _Launcher(BaseSubmititLauncher):
             log.info(f"\t#{initial_job_idx + i} : {' '.join(filter_overrides(overrides))}")
             params.append((list(overrides), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}",
                            Singleton.get_state()))
-        submitted = jobs.submit(executor, self, *zip(*params))
+        try:
+            submitted = jobs.submit(executor, self, *zip(*params))
+        except jobs.SubmissionError as e:
+            exit_with(e)
         log.info("submitted jobs %s", ", ".join(j.job_id for j in submitted))
         return finish(jobs.wait(submitted), job_overrides, initial_job_idx, sweep_dir)
 
