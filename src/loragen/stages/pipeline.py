@@ -14,11 +14,11 @@ from omegaconf import DictConfig
 
 from loragen import io, runtime
 from loragen.errors import ConfigError
-from loragen.pipeline import dnd, engine, paw
+from loragen.pipeline import dnd, engine, executors, paw
 
 log = logging.getLogger(__name__)
 RECIPES = {"paw": paw, "dnd": dnd}
-EXECUTORS = {"local": engine.run_in_process}
+EXECUTORS = {"local": engine.run_in_process, "submitit_local": executors.submitit_local, "slurm": executors.slurm}
 
 
 def run(cfg: DictConfig) -> dict:
