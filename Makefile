@@ -22,7 +22,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/loragen stage=data dataset=commonsense6
+	$(VENV)/bin/loragen experiment=dnd_minilm
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow" -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
