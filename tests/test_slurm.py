@@ -115,6 +115,13 @@ def test_pipeline_step_runs_as_a_slurm_job(slurm_cluster, tmp_path):
         assert again["eval/boolq"]["status"] == "skipped"
         assert list((root / "eval/boolq/.submitit").glob("*/*_0_log.out")) == logs
 
+        # independent steps as one job array
+        pair = [engine.Step(f"data/{d}", ["stage=data", f"dataset={d}"], ["data_summary.json"]) for d in ("piqa", "boolq")]
+        execute.run_many([(s, engine.compose_step(s, shared), root / s.name) for s in pair])
+        ids = sorted(p.parent.name for p in (root / "data" / ".submitit").glob("*/*_0_log.out"))
+        assert len(ids) == 2 and ids[0].split("_")[0] == ids[1].split("_")[0] and ids[0] != ids[1], ids
+        assert all((root / s.name / "data_summary.json").is_file() for s in pair)
+
         broken = engine.Step("eval/broken", ["stage=evaluate", "model=tiny_qwen2", "dataset=boolq",
                                              f"paths.data_dir={tmp_path / 'nothing'}"], ["results.json"])
         with pytest.raises(LoragenError, match=r"1 of 1 pipeline step jobs failed: eval/broken .*not found in the "

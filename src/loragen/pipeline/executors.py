@@ -16,6 +16,7 @@ Submitit's logs are in <pipeline run dir>/.submitit/<job id>/.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,7 +57,7 @@ class SubmititExecutor:
 
     def run_many(self, items: Sequence[tuple[Step, DictConfig, Path]]) -> None:
         """Run independent steps as one job array and wait for all; raise JobsFailed naming each failure's log."""
-        folder = self.folder or _default_folder(items[0][2])
+        folder = self.folder or _default_folder([d for _, _, d in items])
         executor = self.make_executor(folder, name=f"loragen-{items[0][0].name}" if len(items) == 1 else "loragen-steps")
         steps, cfgs, dirs = zip(*[(s, c, str(d)) for s, c, d in items])
         submitted = jobs.submit(executor, StepJob(), steps, cfgs, dirs)
@@ -82,11 +83,11 @@ class SubmititExecutor:
         return executor
 
 
-def _default_folder(step_dir: Path) -> Path:
+def _default_folder(step_dirs: list[Path]) -> Path:
     try:
         return Path(runtime.run_dir()) / ".submitit"  # the pipeline's run dir
-    except ValueError:  # no Hydra app
-        return Path(step_dir) / ".submitit"
+    except ValueError:  # no Hydra app: next to the steps
+        return Path(os.path.commonpath([str(d) for d in step_dirs])) / ".submitit"
 
 
 def launcher_params(cluster: str) -> dict:
