@@ -1,0 +1,128 @@
+"""The report's PNG plots (matplotlib, Agg backend): curves, accuracy bars, similarity heatmaps, timing bars."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from loragen import io  # noqa: E402
+
+ROLE_COLORS = {"base": "#7f7f7f", "LoRA (own dataset)": "#2ca02c", "LoRA (other dataset)": "#98df8a",
+               "baseline": "#1f77b4", "generated": "#d62728", "transferred": "#9467bd", "adapter": "#bcbd22"}
+DPI = 110
+
+
+@dataclass
+class Panel:
+    title: str
+    ylabel: str
+    lines: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # label -> (x, y)
+    xlabel: str = "optimizer step"
+    logy: bool = False
+
+
+def save(fig, path: Path) -> Path:
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def curves(panels: list[Panel], title: str, path: Path) -> Path:
+    """Side-by-side line plots sharing the x axis meaning (training curves)."""
+    panels = [p for p in panels if p.lines]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        for label, (x, y) in p.lines.items():
+            ax.plot(x, y, marker="o" if len(x) <= 12 else None, markersize=3, label=label)
+        ax.set(title=p.title, xlabel=p.xlabel, ylabel=p.ylabel)
+        if p.logy and all(v > 0 for _, ys in p.lines.values() for v in ys):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def accuracy_bars(rows: list[dict], generated: list[float], title: str, path: Path) -> Path:
+    """Horizontal bars: one per row (label, role, acc, stderr); the generated adapters as mean ± sd with points."""
+    labels = [r["label"] for r in rows]
+    accs = [r["acc"] for r in rows]
+    errs = [r["acc_stderr"] if r.get("acc_stderr") == r.get("acc_stderr") else 0.0 for r in rows]
+    colors = [ROLE_COLORS.get(r["role"].split(":")[0], ROLE_COLORS["adapter"]) for r in rows]
+    if generated:
+        labels.append(f"generated (mean ± sd, k={len(generated)})")
+        accs.append(float(np.mean(generated)))
+        errs.append(float(np.std(generated, ddof=1)) if len(generated) > 1 else 0.0)
+        colors.append(ROLE_COLORS["generated"])
+    y = np.arange(len(labels))[::-1]
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(labels) + 1.6))
+    ax.barh(y, accs, xerr=errs, color=colors, capsize=3, edgecolor="black", linewidth=0.4)
+    if generated:
+        ax.scatter(generated, np.full(len(generated), y[-1]), color="black", s=12, zorder=3,
+                   label="individual generated adapters")
+    base = [r["acc"] for r in rows if r["role"] == "base"]
+    if base:
+        ax.axvline(base[0], color=ROLE_COLORS["base"], linestyle="--", linewidth=1, label=f"base {base[0]:.4f}")
+    for yi, a, e in zip(y, accs, errs):
+        ax.text(a + e, yi, f"  {a:.4f}", va="center", fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlim(0, min(1.05, max([a + e for a, e in zip(accs, errs)] + [0.01]) * 1.2))
+    ax.set(title=title, xlabel="accuracy (fraction correct); bars ± 1 stderr, generated ± 1 sd")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ROLE_COLORS.values()]
+    used = {r["role"].split(":")[0] for r in rows} | ({"generated"} if generated else set())
+    legend = [(h, n) for h, n in zip(handles, ROLE_COLORS) if n in used]
+    extra_h, extra_l = ax.get_legend_handles_labels()
+    ax.legend([h for h, _ in legend] + extra_h, [n for _, n in legend] + extra_l, fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path) -> Path:
+    n = len(labels)
+    size = max(4.5, 0.45 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    im = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    if n <= 14:
+        for i in range(n):
+            for j in range(n):
+                v = matrix[i, j]
+                ax.text(j, i, "–" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(v) > 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="cosine similarity of ΔW = scale·B·A")
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def timing_bars(bars: list[tuple[str, float, str]], title: str, path: Path) -> Path:
+    """Horizontal bars of seconds on a log axis: (label, seconds, kind)."""
+    colors = {"generate": ROLE_COLORS["generated"], "generator": "#ff9896", "lora": ROLE_COLORS["LoRA (own dataset)"]}
+    y = np.arange(len(bars))[::-1]
+    fig, ax = plt.subplots(figsize=(8.0, 0.45 * len(bars) + 1.6))
+    secs = [max(s, 1e-4) for _, s, _ in bars]
+    ax.barh(y, secs, color=[colors.get(k, "#7f7f7f") for _, _, k in bars], edgecolor="black", linewidth=0.4)
+    for yi, s in zip(y, secs):
+        ax.text(s, yi, f" {s:.3g} s", va="center", fontsize=8)
+    ax.set_yticks(y, [b[0] for b in bars], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(secs) / 2, max(secs) * 8)
+    ax.set(title=title, xlabel="wall-clock seconds (log scale)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    ax.legend(handles, ["generation (per adapter)", "generator training (one-off)", "LoRA fine-tuning"], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save(fig, path)

@@ -1,0 +1,207 @@
+"""What a run directory is, from the files it holds, and what it recorded.
+
+    lora       final/adapter_config.json + state/trainer.json (history, fingerprint); checkpoints/manifest.json
+    generator  metrics.json + generator/ (history, held-out comparison)
+    generate   generate.json (adapters with their generation seconds)
+    evaluate   results.json (+ samples.jsonl)
+    pipeline   table.json, or step subdirectories (depth 1 or 2) with a fingerprint.json
+
+A pipeline dir stands for its finished steps; steps of other kinds (tokenize, transfer, report) are
+listed with their wall time only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loragen.errors import DataError
+
+EXPECTED = ("a pipeline dir (table.json or step dirs with fingerprint.json), a lora run (final/adapter_config.json "
+            "and state/trainer.json), a generator run (metrics.json and generator/), a generate run (generate.json) "
+            "or an evaluate run (results.json)")
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str                      # the pipeline step name, or the dir name
+    seconds: float | None = None   # the step's wall time, when a pipeline recorded it
+
+
+@dataclass
+class TrainedRun(Run):
+    history: list[dict] = field(default_factory=list)   # the training loop's logged rows
+    fingerprint: dict = field(default_factory=dict)     # state/trainer.json's (model, dataset, train, global_batch...)
+
+    def elapsed(self) -> list[float]:
+        """Cumulative training seconds at each history row, from the throughput the loop logged per interval."""
+        batch, out, total, prev = int(self.fingerprint.get("global_batch", 0)), [], 0.0, 0
+        for row in self.history:
+            rate = row.get("samples_per_s")
+            if rate and batch:
+                total += (row["step"] - prev) * batch / rate
+            out.append(total)
+            prev = row["step"]
+        return out
+
+
+@dataclass
+class LoraRun(TrainedRun):
+    checkpoints: list[dict] = field(default_factory=list)  # manifest entries: step, path, loss, lr, eval metrics
+    results: list[dict] = field(default_factory=list)      # its final evaluation (results.json)
+
+    @property
+    def dataset(self) -> str:
+        return str(self.fingerprint.get("dataset", self.path.name))
+
+
+@dataclass
+class GeneratorRun(TrainedRun):
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenerateRun(Run):
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def adapter_paths(self) -> set[str]:
+        return {str(Path(a["path"])) for a in self.summary.get("adapters", [])}
+
+
+@dataclass
+class EvaluateRun(Run):
+    results: list[dict] = field(default_factory=list)
+
+    def per_document(self) -> dict[tuple[str, str], list[float]]:
+        """(label, dataset) -> acc per document, in samples.jsonl's order (the same documents for every label)."""
+        path = self.path / "samples.jsonl"
+        out: dict[tuple[str, str], list[float]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                s = json.loads(line)
+                out.setdefault((s["label"], s["dataset"]), []).append(float(s["acc"]))
+        return out
+
+
+@dataclass
+class Runs:
+    lora: list[LoraRun] = field(default_factory=list)
+    generator: list[GeneratorRun] = field(default_factory=list)
+    generate: list[GenerateRun] = field(default_factory=list)
+    evaluate: list[EvaluateRun] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)  # every run seen: name, kind, dir, seconds
+
+    def lora_of(self, adapter_path: str | None) -> LoraRun | None:
+        """The lora run whose final/ or trajectory checkpoint this adapter is."""
+        if not adapter_path:
+            return None
+        p = Path(adapter_path)
+        for run in self.lora:
+            if p.parent == run.path or p.parent == run.path / "checkpoints":
+                return run
+        return None
+
+
+def kind_of(path: Path) -> str | None:
+    if (path / "final" / "adapter_config.json").is_file() and (path / "state" / "trainer.json").is_file():
+        return "lora"
+    if (path / "metrics.json").is_file() and (path / "generator").is_dir():
+        return "generator"
+    if (path / "generate.json").is_file():
+        return "generate"
+    if (path / "results.json").is_file():
+        return "evaluate"
+    if (path / "table.json").is_file() or _step_dirs(path):
+        return "pipeline"
+    return None
+
+
+def collect(paths: list[str | Path]) -> Runs:
+    """Every run under the given dirs (a pipeline dir stands for its finished steps)."""
+    if not paths:
+        raise DataError(f"report.runs is empty; give one or more run dirs: {EXPECTED}")
+    runs = Runs()
+    for p in paths:
+        path = Path(p).expanduser().resolve()
+        if not path.is_dir():
+            raise DataError(f"report.runs: {path} is not a directory; expected {EXPECTED}")
+        kind = kind_of(path)
+        if kind is None:
+            raise DataError(f"report.runs: {path} is not a run dir loragen knows; expected {EXPECTED}")
+        if kind == "pipeline":
+            for step in _step_dirs(path):
+                name = step.relative_to(path).as_posix()
+                seconds = _read(step / "fingerprint.json").get("seconds")
+                step_kind = kind_of(step)
+                runs.steps.append({"name": name, "kind": step_kind or name.split("/")[0], "dir": str(step),
+                                   "seconds": seconds})
+                if step_kind in LOADERS:
+                    _add(runs, LOADERS[step_kind](step, name, seconds))
+        else:
+            runs.steps.append({"name": path.name, "kind": kind, "dir": str(path), "seconds": None})
+            _add(runs, LOADERS[kind](path, path.name, None))
+    return runs
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Finished pipeline steps under root (a fingerprint.json at depth 1 or 2), stale copies left out."""
+    found = [f.parent for pattern in ("*/fingerprint.json", "*/*/fingerprint.json") for f in root.glob(pattern)]
+    return sorted(d for d in found if ".stale-" not in d.relative_to(root).as_posix())
+
+
+def _add(runs: Runs, run: Run) -> None:
+    getattr(runs, {LoraRun: "lora", GeneratorRun: "generator", GenerateRun: "generate",
+                   EvaluateRun: "evaluate"}[type(run)]).append(run)
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read it as JSON ({e})") from None
+
+
+def _key(obj: dict, key: str, path: Path) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise DataError(f"{path}: expected a JSON object with the key {key!r}")
+    return obj[key]
+
+
+def load_lora(path: Path, name: str, seconds: float | None) -> LoraRun:
+    trainer = _read(path / "state" / "trainer.json")
+    manifest = path / "checkpoints" / "manifest.json"
+    results = _key(_read(path / "results.json"), "results", path / "results.json") \
+        if (path / "results.json").is_file() else []
+    return LoraRun(path, name, seconds, history=_key(trainer, "history", path / "state" / "trainer.json"),
+                   fingerprint=trainer.get("fingerprint", {}),
+                   checkpoints=_key(_read(manifest), "checkpoints", manifest) if manifest.is_file() else [],
+                   results=results)
+
+
+def load_generator(path: Path, name: str, seconds: float | None) -> GeneratorRun:
+    metrics = _read(path / "metrics.json")
+    trainer = path / "state" / "trainer.json"
+    fp = _read(trainer).get("fingerprint", {}) if trainer.is_file() else {}
+    return GeneratorRun(path, name, seconds, history=_key(metrics, "history", path / "metrics.json"), fingerprint=fp,
+                        metrics=metrics)
+
+
+def load_generate(path: Path, name: str, seconds: float | None) -> GenerateRun:
+    summary = _read(path / "generate.json")
+    _key(summary, "adapters", path / "generate.json")
+    return GenerateRun(path, name, seconds, summary=summary)
+
+
+def load_evaluate(path: Path, name: str, seconds: float | None) -> EvaluateRun:
+    results = _key(_read(path / "results.json"), "results", path / "results.json")
+    for i, e in enumerate(results):
+        for k in ("label", "adapter_path", "dataset", "split", "n", "acc"):
+            _key(e, k, path / "results.json" / f"results[{i}]")
+    return EvaluateRun(path, name, seconds, results=results)
+
+
+LOADERS = {"lora": load_lora, "generator": load_generator, "generate": load_generate, "evaluate": load_evaluate}

@@ -1,0 +1,325 @@
+"""The report's sections: each reads the collected runs, draws its plots into `out` and returns markdown lines.
+
+Every accuracy printed is the value in a results.json, formatted with 4 decimals.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from loragen.errors import CheckpointError
+from loragen.evaluation.metrics import paired_bootstrap
+from loragen.report import plots
+from loragen.report.runs import EvaluateRun, LoraRun, Runs, TrainedRun
+from loragen.report.similarity import cosine_of_dirs
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+def fmt(v: float | None, spec: str = ".4f") -> str:
+    return "–" if v is None or v != v else format(v, spec)
+
+
+def image(path: Path, alt: str) -> str:
+    return f"![{alt}]({path.name})"
+
+
+# ---------------------------------------------------------------- runs
+
+def steps_section(runs: Runs) -> list[str]:
+    lines = ["## Runs", "", "| run | kind | wall time (s) | dir |", "|---|---|---|---|"]
+    for s in runs.steps:
+        lines.append(f"| {s['name']} | {s['kind']} | {fmt(s['seconds'], '.1f')} | `{s['dir']}` |")
+    return lines + [""]
+
+
+# ---------------------------------------------------------------- accuracy
+
+def trained_on(adapter_dir: Path) -> str | None:
+    """The dataset of the lora run this adapter belongs to (its final/ or a trajectory checkpoint)."""
+    for run_dir in (adapter_dir.parent, adapter_dir.parent.parent):
+        trainer = run_dir / "state" / "trainer.json"
+        if trainer.is_file():
+            return json.loads(trainer.read_text()).get("fingerprint", {}).get("dataset")
+    return None
+
+
+def role_of(adapter_path: str | None, dataset: str) -> str:
+    if adapter_path is None:
+        return "base"
+    d = Path(adapter_path)
+    if (d / "prompts.json").is_file():
+        return "generated"
+    if (d / "baseline.json").is_file():
+        return f"baseline: {json.loads((d / 'baseline.json').read_text()).get('baseline', d.name)}"
+    trained = trained_on(d)
+    if trained is not None:
+        return "LoRA (own dataset)" if trained == dataset else "LoRA (other dataset)"
+    if (d.parent / "transfer_report.json").is_file():
+        return "transferred"
+    return "adapter"
+
+
+def accuracy_rows(runs: Runs, seed: int) -> dict[str, list[dict]]:
+    """dataset -> one row per evaluated (run, label): the results.json entry, its role and Δ vs the run's base."""
+    groups: dict[str, list[tuple[EvaluateRun, dict]]] = {}
+    for run in runs.evaluate:
+        for e in run.results:
+            groups.setdefault(e["dataset"], []).append((run, e))
+    out: dict[str, list[dict]] = {}
+    for dataset, members in groups.items():
+        multi = len({id(r) for r, _ in members}) > 1
+        docs = {id(r): r.per_document() for r, _ in members}
+        rows = []
+        for run, e in members:
+            per_doc = docs[id(run)]
+            base = per_doc.get(("base", dataset))
+            mine = per_doc.get((e["label"], dataset))
+            diff = paired_bootstrap(base, mine, seed=seed) if base and mine and e["label"] != "base" \
+                and len(base) == len(mine) else None
+            rows.append({**e, "run": run.name, "role": role_of(e["adapter_path"], dataset), "diff": diff,
+                         "display": f"{run.name}: {e['label']}" if multi else e["label"], "_docs": mine, "_base": base})
+        out[dataset] = rows
+    return out
+
+
+def generated_summary(rows: list[dict], seed: int) -> dict | None:
+    gen = [r for r in rows if r["role"] == "generated"]
+    if not gen:
+        return None
+    accs = [r["acc"] for r in gen]
+    summary = {"k": len(accs), "mean": statistics.mean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+               "accs": accs, "diff": None}
+    docs, base = [r["_docs"] for r in gen], gen[0]["_base"]
+    if base and all(d and len(d) == len(base) for d in docs):
+        summary["diff"] = paired_bootstrap(base, [statistics.mean(x) for x in zip(*docs)], seed=seed)
+    return summary
+
+
+def accuracy_section(runs: Runs, out: Path, seed: int) -> list[str]:
+    if not runs.evaluate:
+        return ["## Accuracy", "", "No evaluate run among the given runs.", ""]
+    lines = ["## Accuracy", "",
+             "acc from each results.json (± its stderr); Δ vs base: mean per-document difference to the base model "
+             "of the same evaluate run with its paired-bootstrap 95% interval (2000 resamples).", ""]
+    for dataset, rows in accuracy_rows(runs, seed).items():
+        splits = sorted({f"{r['split']}, n={r['n']}" for r in rows})
+        gen = generated_summary(rows, seed)
+        chart_rows = [r | {"label": r["display"]} for r in rows if r["role"] != "generated"]
+        title = f"Accuracy on {dataset} ({'; '.join(splits)})"
+        png = plots.accuracy_bars(chart_rows, gen["accs"] if gen else [], title, out / f"accuracy_{slug(dataset)}.png")
+        lines += [f"### {dataset}", "", image(png, title), "",
+                  "| label | role | model | split | n | acc ± stderr | acc_norm | Δ vs base [95% CI] |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['display']} | {r['role']} | {r['model']} | {r['split']} | {r['n']} | "
+                         f"{fmt(r['acc'])} ± {fmt(r.get('acc_stderr'))} | {fmt(r.get('acc_norm'))} | {fmt_diff(r['diff'])} |")
+        if gen:
+            lines += ["", f"Generated adapters: mean {fmt(gen['mean'])} ± {fmt(gen['sd'])} (sd over k={gen['k']} "
+                          f"adapters from independent prompt batches); Δ vs base of the per-document mean: "
+                          f"{fmt_diff(gen['diff'])}."]
+        lines.append("")
+    return lines
+
+
+def fmt_diff(diff: tuple[float, float, float] | None) -> str:
+    if diff is None:
+        return "–"
+    d, lo, hi = diff
+    return f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+# ---------------------------------------------------------------- training curves
+
+def _series(run: TrainedRun, key: str) -> tuple[list[float], list[float]]:
+    rows = [r for r in run.history if r.get(key) is not None]
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def training_section(runs: Runs, out: Path) -> list[str]:
+    lines = ["## Training curves", ""]
+    if runs.lora:
+        panels = [plots.Panel("training loss", "loss (per loss unit)", logy=True),
+                  plots.Panel("learning rate", "lr"),
+                  plots.Panel("in-training eval accuracy (held-out split slice)", "accuracy (fraction correct)")]
+        for run in runs.lora:
+            for panel, key in zip(panels, ("loss", "lr", "eval_acc")):
+                x, y = _series(run, key)
+                if x:
+                    panel.lines[run.name] = (x, y)
+        png = plots.curves(panels, "LoRA fine-tuning", out / "curves_lora.png")
+        lines += ["### LoRA", "", image(png, "LoRA training curves"), "",
+                  "| run | dataset | steps | final loss | last eval_acc | training s (loop) | checkpoints | "
+                  "final acc (results.json) |", "|---|---|---|---|---|---|---|---|"]
+        for run in runs.lora:
+            last = run.history[-1] if run.history else {}
+            evals = _series(run, "eval_acc")[1]
+            final = [e for e in run.results if e["label"] == "final"]
+            acc = ", ".join(f"{e['dataset']} {e['split']} n={e['n']}: {fmt(e['acc'])}" for e in final) or "–"
+            lines.append(f"| {run.name} | {run.dataset} | {last.get('step', 0)} | {fmt(last.get('loss'))} | "
+                         f"{fmt(evals[-1] if evals else None)} | {fmt(run.elapsed()[-1] if run.history else None, '.1f')} | "
+                         f"{len(run.checkpoints)} | {acc} |")
+        lines.append("")
+    if runs.generator:
+        panels = [plots.Panel("training loss", "weighted token MSE", logy=True), plots.Panel("learning rate", "lr"),
+                  plots.Panel("reconstruction error vs the final checkpoint", "relative token error", logy=True)]
+        for run in runs.generator:
+            for key in ("loss", "lr"):
+                x, y = _series(run, key)
+                if x:
+                    panels[0 if key == "loss" else 1].lines[run.name] = (x, y)
+            for key, what in (("train_rel_error", "training datasets"), ("heldout_rel_error", "held out")):
+                x, y = _series(run, key)
+                if x:
+                    panels[2].lines[f"{run.name} ({what})"] = (x, y)
+        png = plots.curves(panels, "HyperConv generator", out / "curves_generator.png")
+        lines += ["### Generator", "", image(png, "generator training curves"), "",
+                  "| run | held out | training datasets | steps | final loss | train rel. error | held-out rel. error | "
+                  "training s (loop) |", "|---|---|---|---|---|---|---|---|"]
+        for run in runs.generator:
+            m, last = run.metrics, run.history[-1] if run.history else {}
+            final = m.get("final", {})
+            lines.append(f"| {run.name} | {m.get('heldout') or '–'} | {', '.join(m.get('datasets', []))} | "
+                         f"{last.get('step', 0)} | {fmt(last.get('loss'))} | {fmt(final.get('train_rel_error'))} | "
+                         f"{fmt(final.get('heldout_rel_error'))} | {fmt(run.elapsed()[-1] if run.history else None, '.1f')} |")
+        lines.append("")
+    if not runs.lora and not runs.generator:
+        lines += ["No lora or generator run among the given runs.", ""]
+    return lines
+
+
+# ---------------------------------------------------------------- similarity
+
+def trajectory(run: LoraRun, max_checkpoints: int) -> tuple[list[str], list[Path]]:
+    """Evenly spaced trajectory checkpoints (at most max_checkpoints, the last kept) and final/."""
+    kept = [c for c in run.checkpoints if (run.path / "checkpoints" / c["path"]).is_dir()]
+    if len(kept) > max_checkpoints:
+        idx = np.unique(np.linspace(0, len(kept) - 1, max_checkpoints).round().astype(int))
+        kept = [kept[i] for i in idx]
+    labels = [f"step {c['step']}" for c in kept] + ["final"]
+    return labels, [run.path / "checkpoints" / c["path"] for c in kept] + [run.path / "final"]
+
+
+def similarity_section(runs: Runs, out: Path, max_checkpoints: int) -> list[str]:
+    lines = ["## Cosine similarity between adapters", "",
+             "Cosine of the weight updates ΔW = (alpha/r)·B·A, concatenated over every LoRA module.", ""]
+    drawn = 0
+    for run in runs.lora:
+        labels, dirs = trajectory(run, max_checkpoints)
+        if len(dirs) < 2:
+            continue
+        cos = cosine_of_dirs(dirs)
+        title = f"{run.name}: LoRA trajectory checkpoints"
+        png = plots.heatmap(cos, labels, title, out / f"similarity_{slug(run.name)}.png")
+        lines += [f"### {title}", "", image(png, title), "",
+                  f"cos({labels[0]}, final) = {fmt(cos[0, -1], '.3f')}; mean over consecutive checkpoints "
+                  f"{fmt(float(np.nanmean(np.diag(cos, 1))), '.3f')}.", ""]
+        drawn += 1
+    for run in runs.evaluate:
+        adapters = {e["adapter_path"]: e["label"] for e in run.results if e["adapter_path"]}
+        if len(adapters) < 2:
+            continue
+        title = f"{run.name}: evaluated adapters (trained, baselines, generated)"
+        try:
+            cos = cosine_of_dirs(list(adapters))
+        except CheckpointError as e:
+            lines += [f"### {title}", "", f"Not comparable: {e}", ""]
+            continue
+        labels = list(adapters.values())
+        png = plots.heatmap(cos, labels, title, out / f"similarity_{slug(run.name)}.png")
+        lines += [f"### {title}", "", image(png, title), ""] + matrix_table(cos, labels) + [""]
+        drawn += 1
+    if not drawn:
+        lines += ["No lora trajectory or evaluate run with two or more adapters among the given runs.", ""]
+    return lines
+
+
+def matrix_table(cos: np.ndarray, labels: list[str]) -> list[str]:
+    if len(labels) > 16:
+        return []
+    rows = ["| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for lab, row in zip(labels, cos):
+        rows.append(f"| {lab} | " + " | ".join(fmt(v, ".3f") for v in row) + " |")
+    return rows
+
+
+# ---------------------------------------------------------------- timing
+
+def time_to_reach(run: LoraRun, target: float) -> tuple[int, float] | None:
+    """(step, loop seconds) of the first in-training evaluation with eval_acc >= target."""
+    for row, seconds in zip(run.history, run.elapsed()):
+        if row.get("eval_acc") is not None and row["eval_acc"] >= target:
+            return row["step"], seconds
+    return None
+
+
+def timing_rows(runs: Runs) -> list[dict]:
+    rows = []
+    for g in runs.generate:
+        dataset = g.summary.get("prompts", {}).get("dataset")
+        paths = g.adapter_paths
+        accs = [e["acc"] for r in runs.evaluate for e in r.results
+                if e["adapter_path"] and str(Path(e["adapter_path"])) in paths and e["dataset"] == dataset]
+        gen_dir = Path(str(g.summary.get("checkpoint", ""))).resolve()
+        generator = next((r for r in runs.generator if r.path == gen_dir), None)
+        lora = next((r for r in runs.lora if r.dataset == dataset), None)
+        row = {"run": g.name, "dataset": dataset, "k": len(accs), "generated_acc": statistics.mean(accs) if accs else None,
+               "generate_s": statistics.mean(a["seconds"] for a in g.summary["adapters"]),
+               "encoder_load_s": g.summary.get("encoder_load_seconds"),
+               "generator_s": generator.elapsed()[-1] if generator and generator.history else None,
+               "lora": lora.name if lora else None, "reach": None, "lora_s": None, "lora_steps": None,
+               "lora_evals": 0}
+        if lora is not None and lora.history:
+            row.update(lora_s=lora.elapsed()[-1], lora_steps=lora.history[-1]["step"],
+                       lora_evals=len(_series(lora, "eval_acc")[0]))
+            if accs:
+                row["reach"] = time_to_reach(lora, row["generated_acc"])
+        rows.append(row)
+    return rows
+
+
+def timing_section(runs: Runs, out: Path) -> list[str]:
+    lines = ["## Timing: generating an adapter vs fine-tuning one", ""]
+    rows = timing_rows(runs)
+    if not rows:
+        return lines + ["No generate run among the given runs.", ""]
+    lines += ["Generation: encoding the prompt batch and decoding one adapter (generate.json, per adapter; the encoder "
+              "load is paid once). Fine-tuning: the training loop's time (from its logged throughput, in-training "
+              "evaluation included) until its in-training eval_acc first reached the generated adapters' mean accuracy "
+              "(evaluations on the lora run's eval slice of the same split, so the accuracies are close, not identical).",
+              "", "| held out | generated acc (k) | generate s / adapter | encoder load s | generator training s | "
+              "LoRA run | LoRA step reaching it | LoRA s to reach it | LoRA full training s (steps) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    bars = []
+    for r in rows:
+        if r["reach"] is not None:
+            step, secs = r["reach"]
+            reach_step, reach_s = str(step), fmt(secs, ".2f")
+        elif r["lora"] is None:
+            reach_step = reach_s = "no lora run on this dataset"
+        elif not r["lora_evals"]:
+            reach_step = reach_s = "no in-training evaluation (train.eval_every=0)"
+        elif r["generated_acc"] is None:
+            reach_step = reach_s = "generated adapters not evaluated"
+        else:
+            reach_step = reach_s = f"not reached in {r['lora_steps']} steps"
+        lines.append(f"| {r['dataset']} | {fmt(r['generated_acc'])} ({r['k']}) | {fmt(r['generate_s'], '.3f')} | "
+                     f"{fmt(r['encoder_load_s'], '.3f')} | {fmt(r['generator_s'], '.1f')} | {r['lora'] or '–'} | "
+                     f"{reach_step} | {reach_s} | {fmt(r['lora_s'], '.1f')} ({r['lora_steps'] or '–'}) |")
+        bars.append((f"{r['dataset']}: generate one adapter", r["generate_s"], "generate"))
+        if r["generator_s"] is not None:
+            bars.append((f"{r['dataset']}: generator training (one-off)", r["generator_s"], "generator"))
+        if r["reach"] is not None:
+            bars.append((f"{r['dataset']}: LoRA to generated acc (step {r['reach'][0]})", r["reach"][1], "lora"))
+        if r["lora_s"] is not None:
+            bars.append((f"{r['dataset']}: LoRA full fine-tune ({r['lora_steps']} steps)", r["lora_s"], "lora"))
+    png = plots.timing_bars(bars, "Generation time vs fine-tuning time", out / "timing.png")
+    return lines + ["", image(png, "timing"), ""]
+

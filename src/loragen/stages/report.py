@@ -1,0 +1,43 @@
+"""stage=report: report.md and PNG plots from finished runs.
+
+    loragen stage=report report.runs=[<pipeline dir>]
+    loragen stage=report report.runs=[<lora run>,<generator run>,<generate run>,<evaluate run>]
+
+Recipe: find out what each dir is from its files (report.runs), then one section each: the runs and
+their wall times, accuracy per evaluated dataset, training curves, adapter similarity, timing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+
+from loragen import io, runtime
+from loragen.errors import ConfigError
+from loragen.report import sections
+from loragen.report.runs import collect
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    r = cfg.report
+    if int(r.max_checkpoints) < 1:
+        raise ConfigError(f"report.max_checkpoints={r.max_checkpoints}; expected at least 1")
+    out = runtime.run_dir()
+    runs = collect(list(r.runs or []))
+
+    lines = ["# loragen report", "", "Runs: " + ", ".join(f"`{p}`" for p in r.runs), ""]
+    lines += sections.steps_section(runs)
+    lines += sections.accuracy_section(runs, out, int(cfg.seed))
+    lines += sections.training_section(runs, out)
+    lines += sections.similarity_section(runs, out, int(r.max_checkpoints))
+    lines += sections.timing_section(runs, out)
+
+    report = out / "report.md"
+    if runtime.is_main():
+        io.write_text(report, "\n".join(lines))
+    plots = sorted(p.name for p in out.glob("*.png"))
+    log.info("report in %s with %d plots", report, len(plots))
+    return {"report": str(report), "plots": plots, "runs": [s["name"] for s in runs.steps]}
