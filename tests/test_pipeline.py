@@ -38,7 +38,7 @@ def test_skip_rerun_and_resume(tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         rec = Recorder()
         run_steps(chain(), tmp_path, [], rec)
-        assert rec.ran == ["a", "b", "c"]
+        assert rec.ran == ["a", "c", "b"]  # waves: a and c need nothing, b waits for a
         assert (tmp_path / "b" / "out.txt").read_text() == "boolq"
         rec = Recorder()
         status = run_steps(chain(), tmp_path, [], rec)
@@ -59,6 +59,23 @@ def test_skip_rerun_and_resume(tmp_path):
             run_steps(chain(a_seed=2), tmp_path, [], rec)
         assert json.loads((tmp_path / "a" / "fingerprint.json").read_text())["overrides"][-1] == "seed=2"
         assert not (tmp_path / "b" / "fingerprint.json").exists()
+
+
+def test_independent_steps_go_out_together(tmp_path):
+    class Batched(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.waves = []
+
+        def run_many(self, items):
+            self.waves.append([step.name for step, _, _ in items])
+            for item in items:
+                self(*item)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        rec = Batched()
+        run_steps(chain(), tmp_path, [], rec)
+    assert rec.waves == [["a", "c"]] and rec.ran == ["a", "c", "b"]  # b alone: no array of one
 
 
 def test_bad_dependencies_and_missing_outputs(tmp_path):

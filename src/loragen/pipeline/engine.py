@@ -82,41 +82,65 @@ def fingerprint(cfg: DictConfig, dep_prints: Iterable[str]) -> str:
 
 
 def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict[str, dict]:
-    """Run `steps` (in dependency order) under `root`; `execute(step, cfg, step_dir)` runs one step.
+    """Run `steps` under `root`; `execute(step, cfg, step_dir)` runs one step.
 
+    Steps run in waves: every step whose dependencies are done. When the executor has a
+    `run_many(items)` (SLURM, submitit), a wave's steps go out together as one job array;
+    otherwise they run one after another in the order given.
     Returns {step name: {"status": "done" | "skipped", "dir": str, "fingerprint": str}}.
     """
+    _check_deps(steps)
     status: dict[str, dict] = {}
-    by_name = {s.name: s for s in steps}
-    for step in steps:
-        missing = [d for d in step.deps if d not in status]
-        if missing:
-            unknown = [d for d in missing if d not in by_name]
-            raise ConfigError(f"pipeline step {step.name} depends on {unknown or missing}, "
-                              f"{'which no step defines' if unknown else 'listed after it'}")
-        cfg = compose_step(step, shared)
-        fp = fingerprint(cfg, [status[d]["fingerprint"] for d in step.deps])
-        step_dir = root / step.name
-        recorded = _read_fingerprint(step_dir)
-        if recorded == fp and all((step_dir / o).exists() for o in step.outputs):
-            log.info("step %-28s skipped (done, fingerprint %s)", step.name, fp)
-            status[step.name] = {"status": "skipped", "dir": str(step_dir), "fingerprint": fp}
-            continue
-        if recorded is not None and recorded != fp:
-            stale = step_dir.with_name(f"{step_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-            step_dir.rename(stale)
-            log.info("step %-28s config changed: old outputs moved to %s", step.name, stale)
-        log.info("step %-28s running in %s", step.name, step_dir)
+    pending = list(steps)
+    while pending:
+        wave = [s for s in pending if all(d in status for d in s.deps)]
+        pending = [s for s in pending if s not in wave]
+        todo = []
+        for step in wave:
+            cfg = compose_step(step, shared)
+            fp = fingerprint(cfg, [status[d]["fingerprint"] for d in step.deps])
+            step_dir = root / step.name
+            recorded = _read_fingerprint(step_dir)
+            if recorded == fp and all((step_dir / o).exists() for o in step.outputs):
+                log.info("step %-28s skipped (done, fingerprint %s)", step.name, fp)
+                status[step.name] = {"status": "skipped", "dir": str(step_dir), "fingerprint": fp}
+                continue
+            if recorded is not None and recorded != fp:
+                stale = step_dir.with_name(f"{step_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+                step_dir.rename(stale)
+                log.info("step %-28s config changed: old outputs moved to %s", step.name, stale)
+            todo.append((step, cfg, step_dir, fp))
         t0 = time.perf_counter()
-        execute(step, cfg, step_dir)
-        missing_out = [o for o in step.outputs if not (step_dir / o).exists()]
-        if missing_out:
-            raise ConfigError(f"pipeline step {step.name} finished without its outputs {missing_out} in {step_dir}")
-        if runtime.is_main():
-            io.write_json(step_dir / FINGERPRINT, {"fingerprint": fp, "deps": step.deps, "overrides": step.overrides,
-                                                   "seconds": round(time.perf_counter() - t0, 1)})
-        status[step.name] = {"status": "done", "dir": str(step_dir), "fingerprint": fp}
+        if len(todo) > 1 and hasattr(execute, "run_many"):
+            log.info("steps %s submitted together", ", ".join(t[0].name for t in todo))
+            execute.run_many([(step, cfg, step_dir) for step, cfg, step_dir, _ in todo])
+            for step, _, step_dir, fp in todo:
+                status[step.name] = _finish(step, step_dir, fp, time.perf_counter() - t0)
+        else:
+            for step, cfg, step_dir, fp in todo:
+                log.info("step %-28s running in %s", step.name, step_dir)
+                t0 = time.perf_counter()
+                execute(step, cfg, step_dir)
+                status[step.name] = _finish(step, step_dir, fp, time.perf_counter() - t0)
     return status
+
+
+def _check_deps(steps: list[Step]) -> None:
+    names = {s.name for s in steps}
+    for step in steps:
+        unknown = [d for d in step.deps if d not in names]
+        if unknown:
+            raise ConfigError(f"pipeline step {step.name} depends on {unknown}, which no step defines")
+
+
+def _finish(step: Step, step_dir: Path, fp: str, seconds: float) -> dict:
+    missing = [o for o in step.outputs if not (step_dir / o).exists()]
+    if missing:
+        raise ConfigError(f"pipeline step {step.name} finished without its outputs {missing} in {step_dir}")
+    if runtime.is_main():
+        io.write_json(step_dir / FINGERPRINT, {"fingerprint": fp, "deps": step.deps, "overrides": step.overrides,
+                                               "seconds": round(seconds, 1)})
+    return {"status": "done", "dir": str(step_dir), "fingerprint": fp}
 
 
 def run_in_process(step: Step, cfg: DictConfig, step_dir: Path) -> None:
