@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from loragen.errors import ConfigError
+from loragen.errors import CheckpointError, ConfigError, DataError
 from loragen.models import load_model
 from loragen.train.checkpoints import Checkpointer
 from tests.conftest import CONF, run_cli
@@ -68,19 +68,39 @@ def test_results_json_follows_the_shared_schema(trained):
     assert (trained / "samples.jsonl").is_file() and (trained / "state" / "trainer.json").is_file()
 
 
+def run_in_process(overrides: list[str], out):
+    """The stage's run(cfg) in this process, with Hydra's run dir set to `out` (no CLI start-up)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from loragen.cli import run_stage
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+    HydraConfig.instance().set_config(cfg)
+    return run_stage(cfg)
+
+
 def test_resume_from_another_config_is_refused(trained):
-    proc = run_cli([*TINY, "train.max_steps=5", "train.lr=1e-3", f"hydra.run.dir={trained}"], check=False)
-    assert proc.returncode == 2
-    assert "refusing to resume" in proc.stderr and "train.lr: 0.005 (saved) vs 0.001 (now)" in proc.stderr
+    with pytest.raises(CheckpointError, match=r"refusing to resume .* train.lr: 0.005 \(saved\) vs 0.001 \(now\)"):
+        run_in_process([*TINY, "train.max_steps=5", "train.lr=1e-3"], trained)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("lora.target_modules=[q_proj,nope]", r"lora.target_modules ['nope'] match no module of the model; its linear "
-                                          r"modules are ['lm_head', 'mlp.down_proj', 'mlp.gate_proj'"),
-    ("lora.train_limit=3", "dataset arc_easy split 'train' has 3 documents, fewer than one global batch of 4"),
-    ("dataset=commonsense", "stage=lora trains on one dataset; dataset=commonsense has 7"),
-])
-def test_bad_input_is_a_one_line_error(tmp_path, override, message):
-    proc = run_cli([*TINY, "train.max_steps=2", override, f"hydra.run.dir={tmp_path}"], check=False)
+def test_bad_target_module_is_a_one_line_cli_error(tmp_path):
+    proc = run_cli([*TINY, "train.max_steps=2", "lora.target_modules=[q_proj,nope]", f"hydra.run.dir={tmp_path}"], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert ("lora.target_modules ['nope'] match no module of the model; its linear modules are "
+            "['lm_head', 'mlp.down_proj', 'mlp.gate_proj'") in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override,error,message", [
+    ("lora.train_limit=3", DataError, r"dataset arc_easy split 'train' has 3 documents, fewer than one global batch of 4"),
+    ("dataset=commonsense", ConfigError, "stage=lora trains on one dataset; dataset=commonsense has 7"),
+    ("train.resume=maybe", ConfigError, r"train.resume='maybe'; expected one of \('auto', 'never'\)"),
+])
+def test_bad_input_errors(tmp_path, override, error, message):
+    with pytest.raises(error, match=message):
+        run_in_process([*TINY, "train.max_steps=2", override], tmp_path)

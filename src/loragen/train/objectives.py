@@ -83,20 +83,24 @@ def encoder_choice_ce(tokenizer, *, max_length: int, temperature: float) -> Obje
         raise ConfigError(f"lora.temperature={temperature}; expected > 0")
 
     def collate(records: list[MCRecord]) -> dict[str, Any]:
-        texts: dict[str, int] = {}
+        ctxs: dict[str, int] = {}
+        conts: dict[str, int] = {}
         pairs, owner, gold = [], [], []
         for i, rec in enumerate(records):
             for ctx, cont in rec.requests():  # cos(context_k, choice_k), as the scorer
-                pairs.append((texts.setdefault(ctx, len(texts)), texts.setdefault(cont.strip(), len(texts))))
+                pairs.append((ctxs.setdefault(ctx, len(ctxs)), conts.setdefault(cont.strip(), len(conts))))
                 owner.append(i)
             gold.append(rec.gold)
+        # questions and the (much shorter) choices are embedded in two passes: far less padding
+        pairs = [(c, len(ctxs) + x) for c, x in pairs]
         width = max(r.num_choices for r in records)
         slot = torch.tensor([k for rec in records for k in range(rec.num_choices)])
-        return {"texts": list(texts), "pairs": torch.tensor(pairs), "owner": torch.tensor(owner), "slot": slot,
-                "gold": torch.tensor(gold), "width": width, "num_tokens": 0}
+        return {"texts": list(ctxs), "choice_texts": list(conts), "pairs": torch.tensor(pairs),
+                "owner": torch.tensor(owner), "slot": slot, "gold": torch.tensor(gold), "width": width, "num_tokens": 0}
 
     def loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        emb = embed(model, tokenizer, batch["texts"], max_length=max_length)
+        emb = torch.cat([embed(model, tokenizer, batch["texts"], max_length=max_length),
+                         embed(model, tokenizer, batch["choice_texts"], max_length=max_length)])
         pairs = batch["pairs"].to(emb.device)
         cos = (emb[pairs[:, 0]] * emb[pairs[:, 1]]).sum(-1)
         logits = torch.full((len(batch["gold"]), batch["width"]), float("-inf"), device=emb.device)
