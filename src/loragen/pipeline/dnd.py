@@ -4,7 +4,8 @@ Steps: a LoRA trajectory per dataset (all from one init seed) -> tokenize each -
 held-out dataset h: a generator trained on the others -> generate adapters from h's unlabeled
 prompts -> evaluate on h: the base model, every dataset's final LoRA (h's own is the oracle),
 the weight average and the nearest-prompt LoRA of the training datasets, and the generated
-adapters. The table reports each against the base with a paired bootstrap 95% interval.
+adapters. The table reports each against the base with a paired bootstrap 95% interval; the last
+step (stage=report) draws the curves, accuracy charts, similarity matrices and timing into report/.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def steps(cfg: DictConfig, root: Path) -> list[Step]:
                                           f"eval.split={quote(heldout_split(_spec(cfg, h)))}",
                                           f"eval.adapters={quote(_adapters(cfg, root, h))}", *d.eval_overrides],
                         ["results.json"], [*(f"lora/{n}" for n in names), f"generator/{h}", f"generate/{h}"]))
+    out.append(Step("report", ["stage=report", f"report.runs={quote([str(root)])}"], ["report.md"], [s.name for s in out]))
     return out
 
 

@@ -70,7 +70,7 @@ def accuracy_bars(rows: list[dict], generated: list[float], title: str, path: Pa
         ax.scatter(generated, np.full(len(generated), y[-1]), color="black", s=12, zorder=3,
                    label="individual generated adapters")
     base = [r["acc"] for r in rows if r["role"] == "base"]
-    if base:
+    if len(base) == 1:
         ax.axvline(base[0], color=ROLE_COLORS["base"], linestyle="--", linewidth=1, label=f"base {base[0]:.4f}")
     for yi, a, e in zip(y, accs, errs):
         ax.text(a + e, yi, f"  {a:.4f}", va="center", fontsize=8)

@@ -76,14 +76,14 @@ class GenerateRun(Run):
 class EvaluateRun(Run):
     results: list[dict] = field(default_factory=list)
 
-    def per_document(self) -> dict[tuple[str, str], list[float]]:
-        """(label, dataset) -> acc per document, in samples.jsonl's order (the same documents for every label)."""
+    def per_document(self) -> dict[tuple[str, str], dict[str, float]]:
+        """(label, dataset) -> {document id: acc} from samples.jsonl (empty when the run has none)."""
         path = self.path / "samples.jsonl"
-        out: dict[tuple[str, str], list[float]] = {}
+        out: dict[tuple[str, str], dict[str, float]] = {}
         if path.is_file():
             for line in path.read_text().splitlines():
                 s = json.loads(line)
-                out.setdefault((s["label"], s["dataset"]), []).append(float(s["acc"]))
+                out.setdefault((s["label"], s["dataset"]), {})[str(s["id"])] = float(s["acc"])
         return out
 
 

@@ -68,7 +68,11 @@ def role_of(adapter_path: str | None, dataset: str) -> str:
 
 
 def accuracy_rows(runs: Runs, seed: int) -> dict[str, list[dict]]:
-    """dataset -> one row per evaluated (run, label): the results.json entry, its role and Δ vs the run's base."""
+    """dataset -> one row per evaluated (run, label): the results.json entry, its role and Δ vs its base.
+
+    The base is the same run's base entry, else another run's base of the same model on the dataset;
+    differences pair documents by id and are left out unless both scored the same documents.
+    """
     groups: dict[str, list[tuple[EvaluateRun, dict]]] = {}
     for run in runs.evaluate:
         for e in run.results:
@@ -77,17 +81,26 @@ def accuracy_rows(runs: Runs, seed: int) -> dict[str, list[dict]]:
     for dataset, members in groups.items():
         multi = len({id(r) for r, _ in members}) > 1
         docs = {id(r): r.per_document() for r, _ in members}
+        bases = [(r, e) for r, e in members if e["label"] == "base" and e["adapter_path"] is None]
         rows = []
         for run, e in members:
-            per_doc = docs[id(run)]
-            base = per_doc.get(("base", dataset))
-            mine = per_doc.get((e["label"], dataset))
-            diff = paired_bootstrap(base, mine, seed=seed) if base and mine and e["label"] != "base" \
-                and len(base) == len(mine) else None
-            rows.append({**e, "run": run.name, "role": role_of(e["adapter_path"], dataset), "diff": diff,
+            mine = docs[id(run)].get((e["label"], dataset))
+            base_run = next((r for r, b in bases if r is run), None) or \
+                next((r for r, b in bases if b["model"] == e["model"]), None)
+            base = docs[id(base_run)].get(("base", dataset)) if base_run is not None else None
+            rows.append({**e, "run": run.name, "role": role_of(e["adapter_path"], dataset),
+                         "diff": paired(base, mine, seed) if e["adapter_path"] else None,
                          "display": f"{run.name}: {e['label']}" if multi else e["label"], "_docs": mine, "_base": base})
         out[dataset] = rows
     return out
+
+
+def paired(base: dict[str, float] | None, other: dict[str, float] | None, seed: int):
+    """paired_bootstrap over the same documents (by id), or None when there is nothing to pair."""
+    if not base or not other or set(base) != set(other):
+        return None
+    ids = list(base)  # samples.jsonl order: the same resamples as the pipeline table's intervals
+    return paired_bootstrap([base[i] for i in ids], [other[i] for i in ids], seed=seed)
 
 
 def generated_summary(rows: list[dict], seed: int) -> dict | None:
@@ -97,9 +110,10 @@ def generated_summary(rows: list[dict], seed: int) -> dict | None:
     accs = [r["acc"] for r in gen]
     summary = {"k": len(accs), "mean": statistics.mean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                "accs": accs, "diff": None}
-    docs, base = [r["_docs"] for r in gen], gen[0]["_base"]
-    if base and all(d and len(d) == len(base) for d in docs):
-        summary["diff"] = paired_bootstrap(base, [statistics.mean(x) for x in zip(*docs)], seed=seed)
+    docs = [r["_docs"] for r in gen]
+    if all(docs) and all(set(d) == set(docs[0]) for d in docs):
+        mean_doc = {i: statistics.mean(d[i] for d in docs) for i in docs[0]}
+        summary["diff"] = paired(gen[0]["_base"], mean_doc, seed)
     return summary
 
 
