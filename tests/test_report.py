@@ -7,6 +7,7 @@ step is the report.
 
 import json
 import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -209,12 +210,15 @@ def test_delta_cosine_matches_explicit_delta_w():
         delta_cosine_matrix([ads[0], other])
 
 
-def test_kinds_and_single_run_dirs(pipeline):
+def test_kinds_and_single_run_dirs(pipeline, tmp_path):
     assert kind_of(pipeline) == "pipeline" and kind_of(pipeline / "lora" / "piqa") == "lora"
     assert kind_of(pipeline / "generator" / "piqa") == "generator" and kind_of(pipeline / "generate" / "piqa") == "generate"
     assert kind_of(pipeline / "evaluate" / "piqa") == "evaluate" and kind_of(pipeline / "tokenize" / "piqa") is None
     runs = collect([pipeline / "lora" / "piqa", pipeline / "evaluate" / "piqa"])
-    assert [s["kind"] for s in runs.steps] == ["lora", "evaluate"] and runs.lora[0].elapsed() == [4.0, 6.0]
+    assert [s["name"] for s in runs.steps] == ["lora/piqa", "evaluate/piqa"] and runs.lora[0].elapsed() == [4.0, 6.0]
+    copy = shutil.copytree(pipeline / "lora" / "piqa", tmp_path / "other" / "piqa")
+    names = [s["name"] for s in collect([pipeline / "lora" / "piqa", copy, pipeline / "lora" / "piqa"]).steps]
+    assert names == ["lora/piqa", "lora/piqa-2"]  # plots are named after runs: no two alike
     steps = {s["name"]: s for s in collect([pipeline]).steps}
     assert steps["tokenize/piqa"]["kind"] == "tokenize" and steps["lora/piqa"]["seconds"] == 9.5
 

@@ -125,8 +125,7 @@ def collect(paths: list[str | Path]) -> Runs:
     if not paths:
         raise DataError(f"report.runs is empty; give one or more run dirs: {EXPECTED}")
     runs = Runs()
-    for p in paths:
-        path = Path(p).expanduser().resolve()
+    for path in dict.fromkeys(Path(p).expanduser().resolve() for p in paths):  # a dir given twice counts once
         if not path.is_dir():
             raise DataError(f"report.runs: {path} is not a directory; expected {EXPECTED}")
         kind = kind_of(path)
@@ -142,9 +141,19 @@ def collect(paths: list[str | Path]) -> Runs:
                 if step_kind in LOADERS:
                     _add(runs, LOADERS[step_kind](step, name, seconds))
         else:
-            runs.steps.append({"name": path.name, "kind": kind, "dir": str(path), "seconds": None})
-            _add(runs, LOADERS[kind](path, path.name, None))
+            name = _unique(f"{kind}/{path.name}", {s["name"] for s in runs.steps})
+            runs.steps.append({"name": name, "kind": kind, "dir": str(path), "seconds": None})
+            _add(runs, LOADERS[kind](path, name, None))
     return runs
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """`name`, or `name-2`, `name-3`... when runs share a dir name (plots are named after runs)."""
+    i, out = 1, name
+    while out in taken:
+        i += 1
+        out = f"{name}-{i}"
+    return out
 
 
 def _step_dirs(root: Path) -> list[Path]:
