@@ -235,6 +235,11 @@ def test_unrecognised_dirs_are_clear_errors(pipeline, tmp_path):
     (tmp_path / "bad" / "results.json").write_text('{"rows": []}')
     with pytest.raises(DataError, match=r"bad/results.json: expected a JSON object with the key 'results'"):
         collect([tmp_path / "bad"])
+    shutil.copytree(pipeline / "evaluate" / "piqa", tmp_path / "ev")
+    with open(tmp_path / "ev" / "samples.jsonl", "a") as f:
+        f.write('{"label": "base"}\n')
+    with pytest.raises(DataError, match=r"ev/samples.jsonl line 61: expected a JSON object with label, dataset, id and acc"):
+        collect([tmp_path / "ev"]).evaluate[0].per_document()
 
 
 def test_cli_error_names_the_dir(tmp_path):

@@ -81,9 +81,13 @@ class EvaluateRun(Run):
         path = self.path / "samples.jsonl"
         out: dict[tuple[str, str], dict[str, float]] = {}
         if path.is_file():
-            for line in path.read_text().splitlines():
-                s = json.loads(line)
-                out.setdefault((s["label"], s["dataset"]), {})[str(s["id"])] = float(s["acc"])
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    s = json.loads(line)
+                    out.setdefault((s["label"], s["dataset"]), {})[str(s["id"])] = float(s["acc"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                    raise DataError(f"{path} line {n}: expected a JSON object with label, dataset, id and acc "
+                                    f"({type(e).__name__}: {e})") from None
         return out
 
 
@@ -134,7 +138,7 @@ def collect(paths: list[str | Path]) -> Runs:
         if kind == "pipeline":
             for step in _step_dirs(path):
                 name = step.relative_to(path).as_posix()
-                seconds = _read(step / "fingerprint.json").get("seconds")
+                seconds = read_json(step / "fingerprint.json").get("seconds")
                 step_kind = kind_of(step)
                 runs.steps.append({"name": name, "kind": step_kind or name.split("/")[0], "dir": str(step),
                                    "seconds": seconds})
@@ -167,7 +171,7 @@ def _add(runs: Runs, run: Run) -> None:
                    EvaluateRun: "evaluate"}[type(run)]).append(run)
 
 
-def _read(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -181,32 +185,32 @@ def _key(obj: dict, key: str, path: Path) -> Any:
 
 
 def load_lora(path: Path, name: str, seconds: float | None) -> LoraRun:
-    trainer = _read(path / "state" / "trainer.json")
+    trainer = read_json(path / "state" / "trainer.json")
     manifest = path / "checkpoints" / "manifest.json"
-    results = _key(_read(path / "results.json"), "results", path / "results.json") \
+    results = _key(read_json(path / "results.json"), "results", path / "results.json") \
         if (path / "results.json").is_file() else []
     return LoraRun(path, name, seconds, history=_key(trainer, "history", path / "state" / "trainer.json"),
                    fingerprint=trainer.get("fingerprint", {}),
-                   checkpoints=_key(_read(manifest), "checkpoints", manifest) if manifest.is_file() else [],
+                   checkpoints=_key(read_json(manifest), "checkpoints", manifest) if manifest.is_file() else [],
                    results=results)
 
 
 def load_generator(path: Path, name: str, seconds: float | None) -> GeneratorRun:
-    metrics = _read(path / "metrics.json")
+    metrics = read_json(path / "metrics.json")
     trainer = path / "state" / "trainer.json"
-    fp = _read(trainer).get("fingerprint", {}) if trainer.is_file() else {}
+    fp = read_json(trainer).get("fingerprint", {}) if trainer.is_file() else {}
     return GeneratorRun(path, name, seconds, history=_key(metrics, "history", path / "metrics.json"), fingerprint=fp,
                         metrics=metrics)
 
 
 def load_generate(path: Path, name: str, seconds: float | None) -> GenerateRun:
-    summary = _read(path / "generate.json")
+    summary = read_json(path / "generate.json")
     _key(summary, "adapters", path / "generate.json")
     return GenerateRun(path, name, seconds, summary=summary)
 
 
 def load_evaluate(path: Path, name: str, seconds: float | None) -> EvaluateRun:
-    results = _key(_read(path / "results.json"), "results", path / "results.json")
+    results = _key(read_json(path / "results.json"), "results", path / "results.json")
     for i, e in enumerate(results):
         for k in ("label", "adapter_path", "dataset", "split", "n", "acc"):
             _key(e, k, path / "results.json" / f"results[{i}]")

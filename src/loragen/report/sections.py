@@ -5,7 +5,6 @@ Every accuracy printed is the value in a results.json, formatted with 4 decimals
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 from loragen.errors import CheckpointError
 from loragen.evaluation.metrics import paired_bootstrap
 from loragen.report import plots
-from loragen.report.runs import EvaluateRun, LoraRun, Runs, TrainedRun
+from loragen.report.runs import EvaluateRun, LoraRun, Runs, TrainedRun, read_json
 from loragen.report.similarity import cosine_of_dirs
 
 
@@ -47,7 +46,7 @@ def trained_on(adapter_dir: Path) -> str | None:
     for run_dir in (adapter_dir.parent, adapter_dir.parent.parent):
         trainer = run_dir / "state" / "trainer.json"
         if trainer.is_file():
-            return json.loads(trainer.read_text()).get("fingerprint", {}).get("dataset")
+            return read_json(trainer).get("fingerprint", {}).get("dataset")
     return None
 
 
@@ -58,7 +57,7 @@ def role_of(adapter_path: str | None, dataset: str) -> str:
     if (d / "prompts.json").is_file():
         return "generated"
     if (d / "baseline.json").is_file():
-        return f"baseline: {json.loads((d / 'baseline.json').read_text()).get('baseline', d.name)}"
+        return f"baseline: {read_json(d / 'baseline.json').get('baseline', d.name)}"
     trained = trained_on(d)
     if trained is not None:
         return "LoRA (own dataset)" if trained == dataset else "LoRA (other dataset)"
