@@ -106,7 +106,8 @@ def test_paw_tiny_end_to_end(tmp_path):
     assert (run / "transfer" / "arc_easy" / "adapter" / "adapter_config.json").is_file()
     assert "| arc_easy (test, 20) |" in (run / "table.md").read_text() and "transferred" in proc.stdout
     again = run_cli(args)
-    assert again.stderr.count("skipped (done") + again.stdout.count("skipped (done") == 8
+    assert again.stderr.count("skipped (done") + again.stdout.count("skipped (done") == 9  # 8 steps + report
+    assert (run / "report" / "report.md").is_file()
 
 
 def test_dnd_recipe_end_to_end(tmp_path):

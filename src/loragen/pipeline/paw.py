@@ -42,6 +42,7 @@ def steps(cfg: DictConfig, root: Path) -> list[Step]:
             evaluate("eval_source_lora", ds, src, [str(root / src_lora / "final")], [src_lora], False),
             evaluate("eval_target_lora", ds, tgt, [str(root / tgt_lora / "final")], [tgt_lora], False),
         ]
+    out.append(Step("report", ["stage=report", f"report.runs={quote([str(root)])}"], ["report.md"], [s.name for s in out]))
     return out
 
 
