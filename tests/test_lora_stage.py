@@ -104,3 +104,17 @@ def test_bad_target_module_is_a_one_line_cli_error(tmp_path):
 def test_bad_input_errors(tmp_path, override, error, message):
     with pytest.raises(error, match=message):
         run_in_process([*TINY, "train.max_steps=2", override], tmp_path)
+
+
+@pytest.mark.slow
+def test_quick_preset_trains_minilm_offline(tmp_path):
+    """The issue's CPU preset end to end (minutes): trains, writes final/ and base + final results on ARC-Easy test."""
+    run_cli(["stage=lora", "experiment=quick", "tracker=none", f"hydra.run.dir={tmp_path}"], timeout=3600)
+    rows = {r["label"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert rows["base"]["n"] == rows["final"]["n"] == 2376 and rows["final"]["split"] == "test"
+    assert 0.45 < rows["base"]["acc"] < 0.60  # MiniLM zero-shot on ARC-Easy
+    ckpts = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())["checkpoints"]
+    assert [c["step"] for c in ckpts] == list(range(10, 101, 10))
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    base_pred = {s["id"]: s["pred"] for s in samples if s["label"] == "base"}
+    assert sum(s["pred"] != base_pred[s["id"]] for s in samples if s["label"] == "final") > 20  # the adapter acts
