@@ -58,6 +58,7 @@ def test_skip_rerun_and_resume(tmp_path):
         with pytest.raises(RuntimeError):
             run_steps(chain(a_seed=2), tmp_path, [], rec)
         assert json.loads((tmp_path / "a" / "fingerprint.json").read_text())["overrides"][-1] == "seed=2"
+        assert len(list(tmp_path.glob("a.stale-*"))) == 2  # a changed twice, perhaps within one second
         assert not (tmp_path / "b" / "fingerprint.json").exists()
 
 

@@ -106,7 +106,7 @@ def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict
                 status[step.name] = {"status": "skipped", "dir": str(step_dir), "fingerprint": fp}
                 continue
             if recorded is not None and recorded != fp:
-                stale = step_dir.with_name(f"{step_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+                stale = _stale_name(step_dir)
                 step_dir.rename(stale)
                 log.info("step %-28s config changed: old outputs moved to %s", step.name, stale)
             todo.append((step, cfg, step_dir, fp))
@@ -123,6 +123,15 @@ def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict
                 execute(step, cfg, step_dir)
                 status[step.name] = _finish(step, step_dir, fp, time.perf_counter() - t0)
     return status
+
+
+def _stale_name(step_dir: Path) -> Path:
+    """`<name>.stale-<time>`, with a counter when a step changed twice within a second."""
+    base = f"{step_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, k = step_dir.with_name(base), 1
+    while candidate.exists():
+        candidate, k = step_dir.with_name(f"{base}.{k}"), k + 1
+    return candidate
 
 
 def _check_deps(steps: list[Step]) -> None:
