@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from loragen import jobs, runtime
+from loragen import jobs
 from loragen.pipeline.engine import Step, run_in_process
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,8 @@ class SubmititExecutor:
 
 
 def _default_folder(step_dirs: list[Path]) -> Path:
-    try:
-        return Path(runtime.run_dir()) / ".submitit"  # the pipeline's run dir
-    except ValueError:  # no Hydra app: next to the steps
-        return Path(os.path.commonpath([str(d) for d in step_dirs])) / ".submitit"
+    """Job logs next to the steps: `<step dir>/.submitit/`, or under the steps' common parent for an array."""
+    return Path(os.path.commonpath([str(d) for d in step_dirs])) / ".submitit"
 
 
 def launcher_params(cluster: str) -> dict:
