@@ -49,3 +49,31 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, c
     if check and proc.returncode != 0:
         raise AssertionError(f"loragen {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_stage_in_process(overrides: list[str], run_dir=None) -> dict:
+    """Run a stage in this process as the CLI would (job config, Hydra run dir), without its start-up cost.
+
+    `run_dir` defaults to the composed `hydra.run.dir`. Hydra's global config is cleared afterwards so
+    that no later test sees this run's directory.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from loragen.cli import run_stage
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    out = Path(run_dir) if run_dir is not None else Path(cfg.hydra.run.dir)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]  # the job config, as @hydra.main hands it to the CLI
+        return run_stage(cfg)
+    finally:
+        HydraConfig.instance().cfg = None

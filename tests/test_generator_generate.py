@@ -11,7 +11,7 @@ import torch
 from loragen.errors import LoragenError
 from loragen.lora.adapter_io import Adapter
 from loragen.lora.tokenize import save_token_set, tokenize_adapters
-from tests.conftest import CONF, compose
+from tests.conftest import compose, run_stage_in_process
 
 DATASETS = ["arc_easy", "arc_challenge", "openbookqa"]
 R, LAYERS, HIDDEN = 2, 6, 384
@@ -37,23 +37,7 @@ def make_adapter(seed: int, scale: float) -> Adapter:
 
 
 def run_stage(overrides: list[str]) -> dict:
-    """Run a stage in this process, as the CLI would (Hydra config with a run dir), without its start-up cost."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from loragen.cli import run_stage as dispatch
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
-    HydraConfig.instance().set_config(cfg)
-    Path(cfg.hydra.run.dir).mkdir(parents=True, exist_ok=True)
-    with open_dict(cfg):
-        del cfg["hydra"]  # the job config, as @hydra.main hands it to the CLI
-    return dispatch(cfg)
+    return run_stage_in_process(overrides)
 
 
 def write_token_dirs(root: Path) -> dict[str, Path]:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from loragen.errors import CheckpointError, ConfigError, DataError
 from loragen.models import load_model
 from loragen.train.checkpoints import Checkpointer
-from tests.conftest import CONF, run_cli
+from tests.conftest import CONF, run_cli, run_stage_in_process
 
 TINY = ["stage=lora", "model=tiny_qwen2", "dataset=arc_easy", "tracker=none", "train.per_device_batch=4",
         "train.lr=5e-3", "lora.train_limit=40", "lora.final_eval_limit=20", "lora.r=4"]
@@ -69,19 +69,7 @@ def test_results_json_follows_the_shared_schema(trained):
 
 
 def run_in_process(overrides: list[str], out):
-    """The stage's run(cfg) in this process, with Hydra's run dir set to `out` (no CLI start-up)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from loragen.cli import run_stage
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-    HydraConfig.instance().set_config(cfg)
-    return run_stage(cfg)
+    return run_stage_in_process(overrides, out)
 
 
 def test_resume_from_another_config_is_refused(trained):
