@@ -166,3 +166,19 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert any(not torch.allclose(v, torch.zeros_like(v)) for k, v in one.items() if "lora_B" in k)
     l1, l2 = ((tmp_path / f"loss{w}.txt").read_text().split() for w in (1, 2))
     assert [float(x) for x in l1] == pytest.approx([float(x) for x in l2], rel=1e-5)
+
+
+def test_every_evaluation_is_kept_in_the_history(paths, tmp_path):
+    # Metrics without an eval_acc key (the generator's reconstruction errors) between log steps.
+    model, obj, _ = tiny_lora(paths)
+    seen = []
+
+    def eval_fn(m):
+        seen.append(1)
+        return {"heldout_error": float(len(seen))}
+
+    res = fit(model, obj.loss, records(), obj.collate, train_cfg(max_steps=6, eval_every=2, log_every=5),
+              accelerator=Accelerator(cpu=True), state_dir=tmp_path / "state", fingerprint={"test": 1}, eval_fn=eval_fn)
+    evals = [(h["step"], h["heldout_error"]) for h in res.history if "heldout_error" in h]
+    assert evals == [(2, 1.0), (4, 2.0), (6, 3.0)]
+    assert [h["step"] for h in res.history] == [2, 4, 5, 6]

@@ -139,9 +139,10 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
             units_since, samples_since, tokens_since = units_since + units, samples_since + samples, tokens_since + tokens
 
             row: dict[str, float] = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-            if eval_fn is not None and int(tc.eval_every) > 0 and done % int(tc.eval_every) == 0:
+            evaluated = eval_fn is not None and int(tc.eval_every) > 0 and done % int(tc.eval_every) == 0
+            if evaluated:
                 row.update(_evaluate(eval_fn, ddp_model, acc))
-            if done % int(tc.log_every) == 0 or done == max_steps or "eval_acc" in row:
+            if done % int(tc.log_every) == 0 or done == max_steps or evaluated:  # never drop an evaluation
                 dt = max(time.perf_counter() - t_last, 1e-9)
                 row.update(units_per_s=units_since / dt, samples_per_s=samples_since / dt, memory_mb=_memory_mb(acc.device))
                 if tokens_since:
