@@ -199,3 +199,12 @@ def test_two_process_evaluation_is_identical(tmp_path, paths):
     s2 = [json.loads(x) for x in (tmp_path / "two" / "samples.jsonl").read_text().splitlines()]
     assert [s["id"] for s in s1] == [s["id"] for s in s2]
     assert [x for s in s1 for x in s["scores"]] == pytest.approx([x for s in s2 for x in s["scores"]], abs=1e-4)
+
+
+def test_empty_continuation_is_a_clear_error(paths):
+    from loragen.errors import DataError
+
+    lm = tiny(paths)
+    rec = MCRecord("e", ("Question: x?\nAnswer:",), (" yes", ""), ("yes", ""), 0, "q")
+    with pytest.raises(DataError, match=r"continuation '' tokenizes to nothing after context .*Answer:'; every choice"):
+        evaluate_records(lm.model, lm.tokenizer, "causal", [rec], batch_size=4)

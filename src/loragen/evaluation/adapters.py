@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from loragen.errors import CheckpointError
-from loragen.lora.adapter_io import is_adapter_dir, lora_pairs, read_adapter
+from loragen.lora.adapter_io import PEFT_PREFIX, is_adapter_dir, lora_pairs, read_adapter
 
 log = logging.getLogger(__name__)
-PEFT_PREFIX = "base_model.model."
 
 
 def check_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> None:

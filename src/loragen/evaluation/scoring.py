@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from loragen.errors import DataError
 from loragen.evaluation.tokenization import encode_requests
 from loragen.models.pooling import embed
 
@@ -33,7 +34,8 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
     seqs: list[tuple[list[int], int]] = []  # (context + continuation, left-truncated; continuation length)
     for (ctx, cont), (ctx_ids, cont_ids) in zip(requests, encode_requests(tokenizer, requests)):
         if not cont_ids:
-            raise ValueError(f"continuation {cont!r} tokenizes to nothing after context ...{ctx[-40:]!r}")
+            raise DataError(f"continuation {cont!r} tokenizes to nothing after context ...{ctx[-40:]!r}; "
+                            "every choice needs at least one token to be scored")
         seqs.append(((ctx_ids + cont_ids)[-(max_len + 1):], len(cont_ids)))
     if progress is not None:
         progress.total = len(seqs)

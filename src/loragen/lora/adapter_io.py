@@ -24,6 +24,7 @@ from loragen.errors import CheckpointError
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."  # saved tensor names start with it, then the base model's module path
 
 
 @dataclass

@@ -37,12 +37,11 @@ from typing import Callable
 import torch
 
 from loragen.errors import CheckpointError, ConfigError, LoragenError
-from loragen.lora.adapter_io import Adapter, lora_pairs
+from loragen.lora.adapter_io import PEFT_PREFIX, Adapter, lora_pairs
 from loragen.lora.svd_cache import SVD, SVDCache
 
 log = logging.getLogger(__name__)
 
-PEFT_PREFIX = "base_model.model."
 LAYER_MAPS = ("index", "depth")
 # Leaf names of other families -> the q/k/v/o/gate/up/down names of Llama, Qwen2, Gemma2, Mistral.
 MODULE_ALIASES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "w1": "gate_proj", "w3": "up_proj",

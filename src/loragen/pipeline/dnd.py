@@ -66,7 +66,8 @@ def steps(cfg: DictConfig, root: Path) -> list[Step]:
                         ["adapters/gen-000/adapter_config.json"], [f"generator/{h}"]))
         out.append(Step(f"evaluate/{h}", ["stage=evaluate", f"model={model}", f"dataset={h}",
                                           f"eval.split={quote(heldout_split(_spec(cfg, h)))}",
-                                          f"eval.adapters={quote(_adapters(cfg, root, h))}", *d.eval_overrides],
+                                          f"eval.adapters={quote(_adapters(cfg, root, h))}", *d.eval_overrides,
+                                          "eval.include_base=true"],  # the table compares everything with base
                         ["results.json"], [*(f"lora/{n}" for n in names), f"generator/{h}", f"generate/{h}"]))
     out.append(Step("report", ["stage=report", f"report.runs={quote([str(root)])}"], ["report.md"], [s.name for s in out]))
     return out
