@@ -32,3 +32,23 @@ class MCRecord:
     @property
     def num_choices(self) -> int:
         return len(self.continuations)
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    """One prompt -> text document (instruction data, captions).
+
+    `prompt` is the user's message as it would be typed: Alpaca's instruction, then a blank line
+    and its input when there is one; `target` the reference output. `source` names the file and
+    line it came from, for error messages. How the prompt is wrapped for a model (chat template
+    or a plain template) is decided by loragen.models.chat.render_prompt, not here.
+    """
+
+    id: str
+    prompt: str
+    target: str
+    source: str = ""
+
+    @property
+    def num_choices(self) -> int:  # not multiple choice
+        return 0
