@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from loragen.data.records import MCRecord
+from loragen.evaluation.generation import GenerationSettings
 from loragen.evaluation.metrics import argmax, mean_stderr, norm_scores
 from loragen.evaluation.scoring import cosines, loglikelihoods
 from loragen.runtime import ProgressBar
@@ -25,9 +26,10 @@ class EvalOutcome:
 
 def evaluate_records(model, tokenizer, kind: str, records: Sequence[MCRecord], *, batch_size: int,
                      accelerator=None, desc: str = "", has_acc_norm: bool = True,
-                     method: str = "loglikelihood") -> EvalOutcome:
+                     method: str = "loglikelihood", generation: GenerationSettings | None = None) -> EvalOutcome:
     """Score every record and compute acc, its stderr and acc_norm (causal LMs, where defined).
 
+    method=generate: lettered options with `generation`'s decoding settings (default: greedy, 5 new tokens).
     With an accelerator each process scores an interleaved slice and all processes get the
     gathered, identical result.
     """
@@ -38,7 +40,10 @@ def evaluate_records(model, tokenizer, kind: str, records: Sequence[MCRecord], *
     if method == "generate":
         from loragen.evaluation.generation import lettered_predictions
 
-        preds = lettered_predictions(model, tokenizer, [records[i] for i in mine], batch_size=batch_size, desc=desc)
+        g = generation or GenerationSettings(max_new_tokens=5)
+        preds = lettered_predictions(model, tokenizer, [records[i] for i in mine], batch_size=batch_size, desc=desc,
+                                     max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
+                                     temperature=g.temperature, top_p=g.top_p, seed=g.seed + rank)
         local = [(i, [], p) for i, p in zip(mine, preds)]
     else:
         local = [(i, s, None) for i, s in zip(mine, _score(model, tokenizer, kind, [records[i] for i in mine], batch_size, desc))]
