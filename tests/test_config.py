@@ -18,6 +18,7 @@ REQUIRED = {
 }
 ROOT_KEYS = ["seed", "paths.data_dir", "paths.models_dir", "paths.cache_dir", "data.skip_invalid", "data.hash_train_fraction"]
 DATASET_KEYS = ["name", "format", "hub.path", "hub.name", "hub.revision", "train_split", "eval_split"]
+INSTRUCTION_KEYS = ["name", "format", "file", "val_ratio", "split_seed", "language", "train_split", "eval_split"]
 
 
 def options(group: str) -> list[str]:
@@ -48,7 +49,9 @@ def test_each_option_composes(group, option):
             assert f"{k}" in cfg[g], f"{group}={option}: {g}.{k} missing"
     members = cfg.dataset.members.values() if "members" in cfg.dataset else [cfg.dataset]
     for spec in members:
-        for k in DATASET_KEYS:
+        spec = spec.mc if spec.format == "mc_instruction" else spec  # converted on the fly from this one
+        keys = INSTRUCTION_KEYS if spec.format == "instruction" else DATASET_KEYS
+        for k in keys:
             assert OmegaConf.select(spec, k, default="<missing>") != "<missing>", f"dataset {spec.name}: {k} missing"
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 

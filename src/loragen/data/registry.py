@@ -11,19 +11,24 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
+from loragen.data.convert import to_text_record
 from loragen.data.formats import FORMATS, HAS_ACC_NORM, RowError
-from loragen.data.records import MCRecord
+from loragen.data.instruction import FORMAT as INSTRUCTION
+from loragen.data.instruction import load_instruction_records
+from loragen.data.records import MCRecord, TextRecord
 from loragen.data.splits import SplitSpec, subsample
 from loragen.errors import DataError
 
 log = logging.getLogger(__name__)
+
+MC_INSTRUCTION = "mc_instruction"  # a multiple-choice dataset (spec.mc) converted to instruction rows
 
 
 @dataclass
 class LoadedSplit:
     dataset: str
     split: str  # the split expression as given, so results say which part was used
-    records: list[MCRecord]
+    records: list[MCRecord] | list[TextRecord]
     source: str  # file path or hub id
     sha256: str | None  # of the source file (local) or None (Hub)
     has_acc_norm: bool
@@ -49,9 +54,37 @@ def load_split(
     skip_invalid: bool = False,
     hash_train_fraction: float = 0.5,
 ) -> LoadedSplit:
-    """Rows of `split` of dataset `spec`, converted to records, after hash part, slice, sample_ratio and limit."""
-    if spec.format not in FORMATS:
-        raise DataError(f"dataset {spec.name}: unknown format {spec.format!r}; known: {sorted(FORMATS)}")
+    """Rows of `split` of dataset `spec`, converted to records, after hash part, slice, sample_ratio and limit.
+
+    Multiple-choice formats give MCRecords; `instruction` (a local JSON/JSONL file) and `mc_instruction`
+    (the multiple-choice dataset `spec.mc`, converted by data.convert) give TextRecords.
+    """
+    if spec.format == INSTRUCTION:
+        records, source, sha, skipped = load_instruction_records(spec, split, skip_invalid=skip_invalid)
+    elif spec.format == MC_INSTRUCTION:
+        mc = load_split(spec.mc, split, data_dir=data_dir, seed=seed, skip_invalid=skip_invalid,
+                        hash_train_fraction=hash_train_fraction)
+        records = [to_text_record(r, spec.mc.format, source=mc.source) for r in mc.records]
+        source, sha, skipped = mc.source, mc.sha256, mc.skipped
+    elif spec.format in FORMATS:
+        records, source, sha, skipped = _mc_records(spec, split, data_dir, skip_invalid, hash_train_fraction)
+    else:
+        known = sorted([*FORMATS, INSTRUCTION, MC_INSTRUCTION])
+        raise DataError(f"dataset {spec.name}: unknown format {spec.format!r}; known: {known}")
+    if skipped and spec.format != MC_INSTRUCTION:  # the multiple-choice load logged its own
+        log.warning("%s %s: skipped %d invalid rows of %d (data.skip_invalid=true)", spec.name, split, skipped,
+                    len(records) + skipped)
+    records = subsample(records, sample_ratio, seed)
+    if limit is not None:
+        records = records[: int(limit)]
+    if not records:
+        raise DataError(f"dataset {spec.name} split {split!r} ({source}) has no documents after slicing and limits")
+    meta = {"language": str(spec.language)} if spec.format in (INSTRUCTION, MC_INSTRUCTION) else {}
+    return LoadedSplit(spec.name, split, records, source, sha, spec.format in HAS_ACC_NORM, skipped, meta)
+
+
+def _mc_records(spec: DictConfig, split: str, data_dir: str | None, skip_invalid: bool,
+                hash_train_fraction: float) -> tuple[list[MCRecord], str, str | None, int]:
     sp = SplitSpec.parse(split)
     if data_dir:
         rows, source, sha = _local_rows(Path(data_dir), spec.name, sp.base)
@@ -72,14 +105,7 @@ def load_split(
             if not skip_invalid:
                 raise DataError(f"{where[0]}, line {where[1] + 1}: {e} (dataset {spec.name}, format {spec.format})") from None
             skipped += 1
-    if skipped:
-        log.warning("%s %s: skipped %d invalid rows of %d (data.skip_invalid=true)", spec.name, split, skipped, len(rows))
-    records = subsample(records, sample_ratio, seed)
-    if limit is not None:
-        records = records[: int(limit)]
-    if not records:
-        raise DataError(f"dataset {spec.name} split {split!r} ({source}) has no documents after slicing and limits")
-    return LoadedSplit(spec.name, split, records, source, sha, spec.format in HAS_ACC_NORM, skipped)
+    return records, source, sha, skipped
 
 
 def _local_rows(data_dir: Path, name: str, base: str) -> tuple[list, str, str]:

@@ -1,4 +1,8 @@
-"""stage=data: load every split of the selected dataset(s); print sizes and a formatted example."""
+"""stage=data: load every split of the selected dataset(s); print sizes and a formatted example.
+
+With data.to_instruction=true, each split is also written as Alpaca JSONL (instruction, input,
+output; data.convert) to <run dir>/<dataset>/<split>.jsonl, which dataset=instruction reads back.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from omegaconf import DictConfig
 
 from loragen import io, runtime
 from loragen.data import dataset_specs, load_split
+from loragen.data.convert import alpaca_rows
+from loragen.data.records import TextRecord
 from loragen.data.registry import splits_of
 
 log = logging.getLogger(__name__)
@@ -22,14 +28,20 @@ def run(cfg: DictConfig) -> dict:
     for spec in dataset_specs(cfg.dataset):
         summary[spec.name] = {}
         splits = splits_of(spec)
-        if cfg.paths.data_dir:  # every split file there, not only the ones the config uses
-            splits += sorted(p.stem for p in (Path(cfg.paths.data_dir) / spec.name).glob("*.jsonl") if p.stem not in splits)
+        local = spec.mc.name if "mc" in spec else spec.name  # an *_instruct dataset reads its multiple-choice files
+        if cfg.paths.data_dir and "file" not in spec:  # every split file there, not only the ones the config uses
+            splits += sorted(p.stem for p in (Path(cfg.paths.data_dir) / local).glob("*.jsonl") if p.stem not in splits)
         for split in splits:
             loaded = load_split(
                 spec, split, data_dir=cfg.paths.data_dir, seed=cfg.seed,
                 skip_invalid=cfg.data.skip_invalid, hash_train_fraction=cfg.data.hash_train_fraction,
             )
             summary[spec.name][split] = {"n": len(loaded.records), "source": loaded.source, "sha256": loaded.sha256}
+            if cfg.data.to_instruction and runtime.is_main():
+                path = io.write_jsonl(out / spec.name / f"{split}.jsonl", alpaca_rows(loaded.records, spec.format))
+                summary[spec.name][split]["instruction_file"] = str(path)
+                log.info("wrote %d instruction rows to %s (read back: dataset=instruction dataset.file=%s)",
+                         len(loaded.records), path, path)
             lines.append(f"| {spec.name} | {split} | {len(loaded.records)} | {loaded.source} |")
             log.info("%-14s %-18s %6d documents  (%s)", spec.name, split, len(loaded.records), loaded.source)
             if split == spec.eval_split:
@@ -44,6 +56,9 @@ def run(cfg: DictConfig) -> dict:
 
 
 def format_example(name: str, split: str, rec) -> str:
+    if isinstance(rec, TextRecord):
+        return "\n".join([f"## {name} ({split}) id={rec.id}", "prompt:", "```", rec.prompt, "```", "target:", "```",
+                          rec.target, "```"])
     rows = [f"## {name} ({split}) id={rec.id}", "```"]
     shared = len(rec.contexts) == 1
     if shared:
