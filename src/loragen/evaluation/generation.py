@@ -162,7 +162,8 @@ def lettered_predictions(model, tokenizer, records: Sequence[MCRecord], *, batch
                          top_p: float = 1.0, seed: int = 0) -> list[int]:
     """The letter each record's generated answer names (-1: none). The lettered prompt is sent as is
     (eval.apply_chat_template wraps the records' contexts beforehand)."""
-    gens = generate_texts(model, tokenizer, [lettered_prompt(r) for r in records], kind="causal",
+    kind = "seq2seq" if is_seq2seq(model) else "causal"
+    gens = generate_texts(model, tokenizer, [lettered_prompt(r) for r in records], kind=kind,
                           batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
                           temperature=temperature, top_p=top_p, seed=seed, desc=desc)
     return [parse_letter(g.text, r.num_choices) for g, r in zip(gens, records)]

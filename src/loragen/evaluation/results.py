@@ -1,4 +1,8 @@
-"""results.json / samples.jsonl / results.csv / results.md: the shared results contract (DESIGN.md)."""
+"""results.json / samples.jsonl / results.csv / results.md: the shared results contract (DESIGN.md).
+
+Multiple-choice entries carry acc, acc_stderr, acc_norm; prompt->text entries (eval.method=generate on
+instruction data) carry the text metrics of loragen.evaluation.text_evaluator instead.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +13,43 @@ from typing import Sequence
 
 from loragen import io
 from loragen.data.registry import LoadedSplit
+from loragen.evaluation import text_metrics
 from loragen.evaluation.evaluator import EvalOutcome
+from loragen.evaluation.text_evaluator import METRICS as TEXT_METRICS
+from loragen.evaluation.text_evaluator import TextEvalOutcome
 
 FIELDS = ["label", "adapter_path", "model", "model_path", "dataset", "split", "n", "acc", "acc_stderr", "acc_norm", "seconds"]
+TEXT_FIELDS = [*TEXT_METRICS, "language", "bleu_tokenize", "embed_sim_english_only"]
+TEXT_HEADERS = {"bleu": "BLEU-4", "rouge_l": "ROUGE-L F1", "exact_match": "exact match", "embed_sim": "embed sim",
+                "success_rate": "success", "gen_seconds": "s / doc", "gen_tokens": "tokens / doc"}
 
 
 def result_entry(label: str, adapter_path: str | None, model: str, model_path: str, split: LoadedSplit,
-                 outcome: EvalOutcome) -> dict:
+                 outcome: EvalOutcome | TextEvalOutcome) -> dict:
     entry = {
         "label": label, "adapter_path": adapter_path, "model": model, "model_path": model_path,
-        "dataset": split.dataset, "split": split.split, "n": outcome.n, "acc": outcome.acc,
-        "acc_stderr": outcome.acc_stderr, "acc_norm": outcome.acc_norm, "seconds": round(outcome.seconds, 3),
+        "dataset": split.dataset, "split": split.split, "n": outcome.n,
     }
-    if outcome.unparseable is not None:
+    if isinstance(outcome, TextEvalOutcome):
+        entry.update({k: outcome.metrics[k] for k in TEXT_FIELDS})
+    else:
+        entry.update(acc=outcome.acc, acc_stderr=outcome.acc_stderr, acc_norm=outcome.acc_norm)
+    entry["seconds"] = round(outcome.seconds, 3)
+    if getattr(outcome, "unparseable", None) is not None:
         entry["unparseable"] = outcome.unparseable
     return entry
 
 
-def sample_rows(label: str, dataset: str, outcome: EvalOutcome) -> list[dict]:
-    return [{"label": label, "dataset": dataset, **s} for s in outcome.samples]
+def sample_rows(label: str, dataset: str, outcome: EvalOutcome | TextEvalOutcome) -> list[dict]:
+    rows = outcome.rows if isinstance(outcome, TextEvalOutcome) else outcome.samples
+    return [{"label": label, "dataset": dataset, **s} for s in rows]
 
 
 def write_results(out_dir: str | Path, entries: Sequence[dict], samples: Sequence[dict], provenance: dict) -> Path:
     out = Path(out_dir)
     io.write_jsonl(out / "samples.jsonl", list(samples))
     buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=csv_fields(entries), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(entries)
     io.write_text(out / "results.csv", buf.getvalue())
@@ -42,7 +57,53 @@ def write_results(out_dir: str | Path, entries: Sequence[dict], samples: Sequenc
     return io.write_json(out / "results.json", {"results": list(entries), "provenance": provenance})
 
 
+def csv_fields(entries: Sequence[dict]) -> list[str]:
+    """FIELDS, without the accuracy columns when every entry is prompt->text, with the text metrics when any is."""
+    mc = not entries or any("acc" in e for e in entries)
+    fields = [f for f in FIELDS[:-1] if mc or f not in ("acc", "acc_stderr", "acc_norm")]
+    return fields + (TEXT_FIELDS if any("bleu" in e for e in entries) else []) + ["seconds"]
+
+
 def render_markdown(entries: Sequence[dict]) -> str:
+    """Multiple-choice tables (render_accuracy), then one table of text metrics per prompt->text dataset."""
+    mc = [e for e in entries if "acc" in e]
+    text = [e for e in entries if "acc" not in e]
+    parts = ([render_accuracy(mc)] if mc else []) + ([render_text_metrics(text)] if text else [])
+    return "\n".join(parts)
+
+
+def render_text_metrics(entries: Sequence[dict]) -> str:
+    """Per dataset: rows base and adapters, columns the text metrics; then how each metric was computed."""
+    lines: list[str] = []
+    for d in dict.fromkeys(e["dataset"] for e in entries):
+        rows = [e for e in entries if e["dataset"] == d]
+        first = rows[0]
+        lines += [f"## generation: {d} ({first['split']}, n={first['n']}, language {first['language']})", "",
+                  "| | " + " | ".join(TEXT_HEADERS[m] for m in TEXT_METRICS) + " |", "|---" * (len(TEXT_METRICS) + 1) + "|"]
+        for e in rows:
+            cells = [_fmt_text(m, e.get(m)) for m in TEXT_METRICS]
+            lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
+        lines += ["", f"BLEU-4: sacreBLEU corpus BLEU (0-100), tokenize={first['bleu_tokenize']}. "
+                  "ROUGE-L F1: longest common subsequence, mean over documents; CJK text by characters, other text by "
+                  "words (lowercased, punctuation dropped). "
+                  f"Exact match: after {text_metrics.EM_NORMALISATION}. "
+                  f"Embed sim: cosine of {text_metrics.EMBED_MODEL} embeddings of output and reference. "
+                  "Success: a non-empty output that ended with end-of-sequence within max_new_tokens. "
+                  "s / doc: generation wall time per document; tokens / doc: new tokens before end-of-sequence."]
+        if any(e.get("embed_sim_english_only") for e in rows):
+            lines += ["", f"Note: {text_metrics.EMBED_MODEL} is an English-only model and this dataset's language is "
+                      f"{first['language']}: its embed sim is not a meaningful similarity here."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt_text(metric: str, v) -> str:
+    if v is None:
+        return "–"
+    return {"bleu": f"{v:.2f}", "gen_seconds": f"{v:.3f}", "gen_tokens": f"{v:.1f}"}.get(metric, f"{v:.4f}")
+
+
+def render_accuracy(entries: Sequence[dict]) -> str:
     """Rows: base and adapters; columns: datasets and their mean. acc first, acc_norm in its own table."""
     labels = list(dict.fromkeys(e["label"] for e in entries))
     datasets = list(dict.fromkeys(e["dataset"] for e in entries))

@@ -1,21 +1,24 @@
 """stage=evaluate: the base model and any number of adapters on one or more datasets.
 
 Recipe: load the splits and the base model once, check every adapter fits, then for each
-(label, dataset) score through the one scorer and write results.json, samples.jsonl,
+(label, dataset) score through the one scorer (multiple choice) or generate and compute text
+metrics (prompt->text data, eval.method=generate), and write results.json, samples.jsonl,
 results.csv and results.md.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from loragen import io, runtime
 from loragen.data import LoadedSplit, dataset_specs, load_split
+from loragen.data.records import TextRecord
 from loragen.errors import ConfigError
-from loragen.evaluation import evaluate_records
+from loragen.evaluation import EvalOutcome, GenerationSettings, TextEvalOutcome, evaluate_records, evaluate_texts
 from loragen.evaluation.adapters import AdapterSwitcher, check_adapter
 from loragen.evaluation.prompting import with_chat_template, with_fewshot
 from loragen.evaluation.results import result_entry, sample_rows, write_results
@@ -25,6 +28,7 @@ from loragen.train_env import make_accelerator
 
 log = logging.getLogger(__name__)
 METHODS = ("loglikelihood", "generate")
+GENERATIVE = ("causal", "seq2seq")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -38,11 +42,13 @@ def run(cfg: DictConfig) -> dict:
     # setup
     accelerator = make_accelerator(cfg)
     splits = load_eval_splits(cfg)
+    check_text_splits(cfg, splits)
+    generation = GenerationSettings.from_cfg(cfg.eval.generation, seed=cfg.seed)
     lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device)
-    if cfg.eval.method == "generate" and lm.kind != "causal":
-        raise ConfigError(f"eval.method=generate needs a causal LM; model {lm.name} is an {lm.kind}")
+    if cfg.eval.method == "generate" and lm.kind not in GENERATIVE:
+        raise ConfigError(f"eval.method=generate needs a causal or seq2seq LM; model {lm.name} is an {lm.kind}")
     if cfg.eval.apply_chat_template:
-        splits = [_replace_records(s, with_chat_template(s.records, lm.tokenizer)) for s in splits]
+        splits = [s if is_text(s) else _replace_records(s, with_chat_template(s.records, lm.tokenizer)) for s in splits]
     adapters = [str(Path(a)) for a in cfg.eval.adapters]
     for a in adapters:  # every adapter is checked before any scoring
         check_adapter(lm.model, a)
@@ -56,16 +62,10 @@ def run(cfg: DictConfig) -> dict:
     for label, path in runs:
         model = switcher.use(path)
         for split in splits:
-            outcome = evaluate_records(
-                model, lm.tokenizer, lm.kind, split.records, batch_size=int(cfg.eval.batch_size),
-                accelerator=accelerator, desc=f"{label} {split.dataset}", has_acc_norm=split.has_acc_norm,
-                method=cfg.eval.method,
-            )
+            outcome = evaluate_split(cfg, model, lm, split, generation, accelerator, desc=f"{label} {split.dataset}")
             entries.append(result_entry(label, path, lm.name, lm.path, split, outcome))
             samples += sample_rows(label, split.dataset, outcome)
-            log.info("%-24s %-14s acc %.4f ± %.4f%s  (n=%d, %.1fs)", label, split.dataset, outcome.acc,
-                     outcome.acc_stderr, "" if outcome.acc_norm is None else f"  acc_norm {outcome.acc_norm:.4f}",
-                     outcome.n, outcome.seconds)
+            log_outcome(label, split.dataset, outcome)
 
     # save
     result = {"results": entries, "provenance": provenance(cfg, {s.dataset: s.sha256 for s in splits}, accelerator.num_processes)}
@@ -76,6 +76,28 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
+def evaluate_split(cfg: DictConfig, model, lm, split: LoadedSplit, generation: GenerationSettings, accelerator,
+                   desc: str) -> EvalOutcome | TextEvalOutcome:
+    if is_text(split):
+        return evaluate_texts(model, lm.tokenizer, lm.kind, split.records, generation=generation,
+                              batch_size=int(cfg.eval.batch_size), language=split.meta.get("language"),
+                              accelerator=accelerator, desc=desc)
+    letters = replace(generation, max_new_tokens=int(cfg.eval.generation.letter_max_new_tokens))
+    return evaluate_records(model, lm.tokenizer, lm.kind, split.records, batch_size=int(cfg.eval.batch_size),
+                            accelerator=accelerator, desc=desc, has_acc_norm=split.has_acc_norm,
+                            method=cfg.eval.method, generation=letters)
+
+
+def log_outcome(label: str, dataset: str, outcome: EvalOutcome | TextEvalOutcome) -> None:
+    if isinstance(outcome, TextEvalOutcome):
+        m = outcome.metrics
+        log.info("%-24s %-14s BLEU-4 %.2f  ROUGE-L %.4f  EM %.4f  success %.4f  (n=%d, %.1fs)", label, dataset,
+                 m["bleu"], m["rouge_l"], m["exact_match"], m["success_rate"], outcome.n, outcome.seconds)
+    else:
+        log.info("%-24s %-14s acc %.4f ± %.4f%s  (n=%d, %.1fs)", label, dataset, outcome.acc, outcome.acc_stderr,
+                 "" if outcome.acc_norm is None else f"  acc_norm {outcome.acc_norm:.4f}", outcome.n, outcome.seconds)
+
+
 def load_eval_splits(cfg: DictConfig) -> list[LoadedSplit]:
     splits = []
     for spec in dataset_specs(cfg.dataset):
@@ -84,12 +106,32 @@ def load_eval_splits(cfg: DictConfig) -> list[LoadedSplit]:
             sample_ratio=cfg.eval.sample_ratio, seed=cfg.seed, skip_invalid=cfg.data.skip_invalid,
             hash_train_fraction=cfg.data.hash_train_fraction,
         )
-        if cfg.eval.num_fewshot:
+        if cfg.eval.num_fewshot and not is_text(split):
             pool = load_split(spec, cfg.eval.fewshot_split or spec.train_split, data_dir=cfg.paths.data_dir,
                               skip_invalid=cfg.data.skip_invalid, hash_train_fraction=cfg.data.hash_train_fraction)
             split = _replace_records(split, with_fewshot(split.records, pool.records, int(cfg.eval.num_fewshot), cfg.seed))
         splits.append(split)
     return splits
+
+
+def is_text(split: LoadedSplit) -> bool:
+    """Prompt -> text records (instruction data) rather than multiple choice."""
+    return bool(split.records) and isinstance(split.records[0], TextRecord)
+
+
+def check_text_splits(cfg: DictConfig, splits: list[LoadedSplit]) -> None:
+    """Prompt->text data is evaluated by eval.method=generate alone; the multiple-choice prompt options do not apply."""
+    for s in filter(is_text, splits):
+        if cfg.eval.method != "generate":
+            raise ConfigError(f"dataset {s.dataset} holds prompt->text records (no choices to score): "
+                              f"eval.method={cfg.eval.method} cannot evaluate it; use eval.method=generate")
+        if cfg.eval.num_fewshot:
+            raise ConfigError(f"dataset {s.dataset} holds prompt->text records: eval.num_fewshot={cfg.eval.num_fewshot} "
+                              "applies to multiple-choice data only; use 0")
+        if cfg.eval.apply_chat_template:
+            raise ConfigError(f"dataset {s.dataset} holds prompt->text records: eval.apply_chat_template applies to "
+                              "multiple-choice data only; prompts are rendered by eval.generation.chat_template "
+                              "(auto | true | false)")
 
 
 def adapter_labels(paths: list[str]) -> list[str]:
@@ -99,6 +141,4 @@ def adapter_labels(paths: list[str]) -> list[str]:
 
 
 def _replace_records(split: LoadedSplit, records) -> LoadedSplit:
-    from dataclasses import replace
-
     return replace(split, records=list(records))
