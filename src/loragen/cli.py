@@ -24,7 +24,7 @@ def _conf_dir() -> str:
     raise RuntimeError(f"loragen's conf/ directory was not found next to {here}")
 
 
-STAGES = ("data", "lora", "tokenize", "generator", "generate", "evaluate", "transfer", "pipeline", "report")
+STAGES = ("data", "lora", "tokenize", "generator", "generate", "evaluate", "transfer", "pipeline", "report", "export", "chat")
 
 
 def run_stage(cfg: DictConfig) -> dict:
