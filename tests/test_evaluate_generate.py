@@ -121,3 +121,25 @@ def test_multiple_choice_generate_keeps_lettered_options(tmp_path, monkeypatch):
     assert prompts[0].endswith("\nAnswer:") and "\nA. " in prompts[0]
     assert all(s["pred"] in (-1, 0, 1, 2, 3, 4) for s in read_samples(run))
     assert "## acc" in (run / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_two_process_generation_equals_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, run_cli
+
+    data = jsonl(tmp_path / "inst.jsonl", ROWS_EN + ROWS_ZH)
+    args = [a for a in instruction_args(data, tmp_path / "one") if not a.startswith("hydra.run.dir")]
+    run_cli(args + [f"hydra.run.dir={tmp_path / 'one'}"])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "loragen", *args,
+                           "hardware.num_processes=2", f"hydra.run.dir={tmp_path / 'two'}"], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_samples(tmp_path / "one"), read_samples(tmp_path / "two")
+    assert [(s["id"], s["output"], s["tokens"]) for s in one] == [(s["id"], s["output"], s["tokens"]) for s in two]
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())["results"][0]
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())["results"][0]
+    assert {k: r1[k] for k in ("n", "bleu", "rouge_l", "exact_match")} == {k: r2[k] for k in ("n", "bleu", "rouge_l", "exact_match")}
