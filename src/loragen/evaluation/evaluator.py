@@ -9,8 +9,10 @@ from typing import Sequence
 from loragen.data.records import MCRecord
 from loragen.evaluation.generation import GenerationSettings
 from loragen.evaluation.metrics import argmax, mean_stderr, norm_scores
-from loragen.evaluation.scoring import cosines, loglikelihoods
+from loragen.evaluation.scoring import cosines, loglikelihoods, seq2seq_loglikelihoods
 from loragen.runtime import ProgressBar
+
+LOGLIKELIHOOD = ("causal", "seq2seq")  # scored by continuation log-likelihood (acc_norm defined); encoders by cosine
 
 
 @dataclass
@@ -27,7 +29,7 @@ class EvalOutcome:
 def evaluate_records(model, tokenizer, kind: str, records: Sequence[MCRecord], *, batch_size: int,
                      accelerator=None, desc: str = "", has_acc_norm: bool = True,
                      method: str = "loglikelihood", generation: GenerationSettings | None = None) -> EvalOutcome:
-    """Score every record and compute acc, its stderr and acc_norm (causal LMs, where defined).
+    """Score every record and compute acc, its stderr and acc_norm (causal and seq2seq LMs, where defined).
 
     method=generate: lettered options with `generation`'s decoding settings (default: greedy, 5 new tokens).
     With an accelerator each process scores an interleaved slice and all processes get the
@@ -61,7 +63,7 @@ def evaluate_records(model, tokenizer, kind: str, records: Sequence[MCRecord], *
         else:
             pred = argmax(scores)
             s.update(scores=scores, pred=pred, acc=float(pred == rec.gold))
-            if kind == "causal" and has_acc_norm:
+            if kind in LOGLIKELIHOOD and has_acc_norm:
                 s["pred_norm"] = argmax(norm_scores(scores, rec.choices))
                 s["acc_norm"] = float(s["pred_norm"] == rec.gold)
         samples.append(s)
@@ -81,7 +83,7 @@ def evaluate_records(model, tokenizer, kind: str, records: Sequence[MCRecord], *
 def _score(model, tokenizer, kind: str, records: Sequence[MCRecord], batch_size: int, desc: str) -> list[list[float]]:
     requests = [req for rec in records for req in rec.requests()]
     bar = ProgressBar(len(requests), desc or "scoring")
-    fn = loglikelihoods if kind == "causal" else cosines
+    fn = {"causal": loglikelihoods, "seq2seq": seq2seq_loglikelihoods}.get(kind, cosines)
     flat = fn(model, tokenizer, requests, batch_size=batch_size, progress=bar) if requests else []
     bar.close()
     out, k = [], 0

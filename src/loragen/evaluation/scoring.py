@@ -1,8 +1,10 @@
-"""Score multiple-choice requests: summed continuation log-likelihood (causal LMs) or cosine (encoders).
+"""Score multiple-choice requests: summed continuation log-likelihood (causal and seq2seq LMs) or cosine (encoders).
 
 Causal scoring follows lm-evaluation-harness: pairs tokenized as `tokenization.encode_pair`, inputs
 `(ctx + cont)[-(max_length + 1):][:-1]`, the log-probabilities of the continuation tokens
 summed. Requests are sorted by length and batched with left padding and explicit position ids.
+Seq2seq scoring follows lm-evaluation-harness too: the context (cut from the left to max_length) is
+the encoder input, the continuation the decoder labels; their log-probabilities summed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Sequence
 import torch
 
 from loragen.errors import DataError
-from loragen.evaluation.tokenization import encode_requests
+from loragen.evaluation.tokenization import encode_requests, encode_seq2seq_requests
 from loragen.models.pooling import embed
 
 
@@ -61,7 +63,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
             targets += whole[-n_cont:]
             owner += [i] * n_cont
         pos = (att.cumsum(-1) - 1).clamp_min(0)
-        logits = _last_logits(model, inp.to(device), att.to(device), pos.to(device), keep)
+        logits = last_logits(model, inp.to(device), att.to(device), pos.to(device), keep)
         picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
         logp = torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
         out.index_add_(0, torch.tensor(owner), logp.double().cpu())
@@ -70,13 +72,54 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
     return out.tolist()
 
 
-def _last_logits(model, inp, att, pos, keep: int) -> torch.Tensor:
+def last_logits(model, inp, att, pos, keep: int) -> torch.Tensor:
     """Logits of the last `keep` positions ([B, keep, V])."""
     try:
         logits = model(input_ids=inp, attention_mask=att, position_ids=pos, logits_to_keep=keep).logits
     except TypeError:  # a model class without logits_to_keep
         logits = model(input_ids=inp, attention_mask=att, position_ids=pos).logits
     return logits[:, -keep:]  # also right when logits_to_keep was accepted but ignored
+
+
+@torch.no_grad()
+def seq2seq_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int,
+                           progress=None) -> list[float]:
+    """Summed log-probability of each continuation (decoder labels) given its context (encoder input)."""
+    max_len = model_max_length(model, tokenizer)
+    device = next(model.parameters()).device
+    pairs = []
+    for (ctx, cont), (ctx_ids, cont_ids) in zip(requests, encode_seq2seq_requests(tokenizer, requests)):
+        if not cont_ids:
+            raise DataError(f"continuation {cont!r} tokenizes to nothing after context ...{ctx[-40:]!r}; "
+                            "every choice needs at least one token to be scored")
+        pairs.append((ctx_ids[-max_len:], cont_ids[-max_len:]))
+    if progress is not None:
+        progress.total = len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
+    out = [0.0] * len(pairs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc, att = right_padded([pairs[i][0] for i in idx], pad)
+        labels, keep = right_padded([pairs[i][1] for i in idx], -100)
+        logits = model(input_ids=enc.to(device), attention_mask=att.to(device), labels=labels.to(device)).logits.float()
+        keep = keep.bool().to(device)
+        logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).to(device)[..., None])[..., 0]
+        for row, i in enumerate(idx):
+            out[i] = float(logp[row][keep[row]].double().sum())
+        if progress is not None:
+            progress.update(len(idx))
+    return out
+
+
+def right_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, longest] ids padded on the right with `pad`, and the [B, longest] mask of real positions."""
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
 
 
 @torch.no_grad()

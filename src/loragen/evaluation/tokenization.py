@@ -22,5 +22,19 @@ def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[tupl
     return [(ctx_ids[c], w[len(ctx_ids[c]):]) for (c, _), w in zip(moved, wholes)]
 
 
+def encode_seq2seq_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(encoder ids, decoder ids) per request, as lm-evaluation-harness for seq2seq models: trailing spaces of
+    the context move onto the continuation; the context keeps the tokenizer's special tokens (T5: EOS
+    appended), the continuation is encoded alone without them."""
+    moved = []
+    for ctx, cont in requests:
+        n = len(ctx) - len(ctx.rstrip())
+        moved.append((ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont))
+    contexts = list(dict.fromkeys(c for c, _ in moved))
+    ctx_ids = dict(zip(contexts, tokenizer(contexts)["input_ids"]))
+    conts = tokenizer([x for _, x in moved], add_special_tokens=False)["input_ids"]
+    return [(ctx_ids[c], x) for (c, _), x in zip(moved, conts)]
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     return encode_requests(tokenizer, [(context, continuation)])[0]

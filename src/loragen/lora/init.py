@@ -3,6 +3,9 @@
 `init_seed` fixes every lora_A independently of data order, `train.seed` and the set of target
 modules (each module's generator is seeded from init_seed and its name), so trajectories of
 different datasets start from one point. lora_B starts at zero, as in PEFT.
+
+The PEFT task type follows the model's kind (causal: CAUSAL_LM, seq2seq: SEQ_2_SEQ_LM, encoder:
+FEATURE_EXTRACTION), so a saved adapter_config.json says what kind of base model it is for.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from typing import Sequence
 import torch
 
 from loragen.errors import ConfigError
-from loragen.models.registry import linear_module_names
+from loragen.models.registry import linear_module_names, model_kind
+
+TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "encoder": "FEATURE_EXTRACTION"}
 
 
 def attach_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, target_modules: Sequence[str],
@@ -27,7 +32,7 @@ def attach_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float,
     if unknown:
         raise ConfigError(f"lora.target_modules {unknown} match no module of the model; its linear modules are {sorted(have)}")
     config = LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=float(dropout), target_modules=list(target_modules),
-                        bias="none")
+                        bias="none", task_type=TASK_TYPES[model_kind(model)])
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     seed_lora_init(peft_model, init_seed, adapter_name)
     return peft_model

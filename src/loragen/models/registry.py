@@ -1,4 +1,8 @@
-"""Resolve and load base models; each family's quirks live here and nowhere else."""
+"""Resolve and load base models; each family's quirks live here and nowhere else.
+
+Kinds: causal (decoder-only LMs), seq2seq (encoder-decoder LMs such as T5: AutoModelForSeq2SeqLM),
+encoder (sentence encoders such as MiniLM: AutoModel).
+"""
 
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ from loragen.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+KINDS = ("causal", "seq2seq", "encoder")
 
 
 @dataclass
 class LoadedModel:
     name: str  # model config name
-    kind: str  # causal | encoder
+    kind: str  # causal | seq2seq | encoder
     path: str  # the directory (or Hub id) the weights came from
     model: Any
     tokenizer: Any
@@ -55,7 +60,7 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 def load_model(model_cfg: DictConfig, paths: DictConfig, precision: str = "fp32", device: str | torch.device = "cpu") -> LoadedModel:
     """Load the base model and its tokenizer, in eval mode, on `device`, in the dtype of `precision`."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -66,16 +71,31 @@ def load_model(model_cfg: DictConfig, paths: DictConfig, precision: str = "fp32"
         if _model_type(path) == "gemma2":
             kwargs["attn_implementation"] = "eager"  # Gemma2's soft-capping is not in sdpa/flash paths
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif model_cfg.kind == "seq2seq":
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
     elif model_cfg.kind == "encoder":
         model = AutoModel.from_pretrained(path, **kwargs)
     else:
-        raise ConfigError(f"model {model_cfg.name}: unknown kind {model_cfg.kind!r} (causal | encoder)")
+        raise ConfigError(f"model {model_cfg.name}: unknown kind {model_cfg.kind!r} ({' | '.join(KINDS)})")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # Llama-3 and some Qwen tokenizers have none
         tokenizer.pad_token = tokenizer.eos_token
     check_linear_modules(model, model_cfg)
     model.to(device).eval()
     return LoadedModel(model_cfg.name, model_cfg.kind, path, model, tokenizer)
+
+
+def model_kind(model: torch.nn.Module) -> str:
+    """causal | seq2seq | encoder, from a loaded (or PEFT-wrapped) model itself."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "is_encoder_decoder", False):
+        return "seq2seq"
+    name = type(base).__name__
+    if name.endswith("ForCausalLM") or name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return "causal"
+    return "encoder"
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

@@ -1,7 +1,7 @@
-"""Tiny causal LMs with random weights, materialized once as standard Hugging Face model dirs.
+"""Tiny causal LMs and T5s with random weights, materialized once as standard Hugging Face model dirs.
 
 The directory (config, safetensors weights, a byte-level BPE tokenizer built in code) loads
-with `AutoModelForCausalLM.from_pretrained` anywhere, so external tools (lm-evaluation-harness,
+with `AutoModelForCausalLM.from_pretrained` (T5: `AutoModelForSeq2SeqLM`) anywhere, so external tools (lm-evaluation-harness,
 vLLM, PEFT) see the very same model. Its name carries a hash of the config: same config, same dir.
 """
 
@@ -51,7 +51,8 @@ def materialize_tiny(cache_dir: str | os.PathLike, model_cfg: DictConfig) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         spec = model_cfg.tiny
-        tokenizer = build_tokenizer(int(spec.vocab_size), add_bos=spec.architecture in ("llama", "gemma2"))
+        tokenizer = build_tokenizer(int(spec.vocab_size), add_bos=spec.architecture in ("llama", "gemma2"),
+                                    add_eos=spec.architecture == "t5")
         tokenizer.save_pretrained(tmp)
         build_model(spec, tokenizer).save_pretrained(tmp, safe_serialization=True)
         try:
@@ -64,7 +65,7 @@ def materialize_tiny(cache_dir: str | os.PathLike, model_cfg: DictConfig) -> Pat
     return target
 
 
-def build_tokenizer(vocab_size: int, add_bos: bool):
+def build_tokenizer(vocab_size: int, add_bos: bool, add_eos: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -83,6 +84,11 @@ def build_tokenizer(vocab_size: int, add_bos: bool):
         tok.post_processor = processors.TemplateProcessing(
             single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
         )
+    elif add_eos:  # T5 tokenizers append EOS (</s>) to every encoded text
+        eos = tok.token_to_id("<|endoftext|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A <|endoftext|>", pair="$A <|endoftext|> $B <|endoftext|>", special_tokens=[("<|endoftext|>", eos)]
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return PreTrainedTokenizerFast(
@@ -99,6 +105,8 @@ def build_model(spec: DictConfig, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = str(spec.architecture)
+    if arch == "t5":
+        return build_t5(spec, tokenizer)
     kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=int(spec.hidden_size),
@@ -117,3 +125,26 @@ def build_model(spec: DictConfig, tokenizer):
     config = AutoConfig.for_model(arch, **kwargs)
     torch.manual_seed(int(spec.seed))
     return AutoModelForCausalLM.from_config(config)
+
+
+def build_t5(spec: DictConfig, tokenizer):
+    """A FLAN-T5-shaped model (gated-GELU feed-forward: wi_0, wi_1, wo; untied head); PAD is the decoder start."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, T5Config
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=int(spec.hidden_size),
+        d_kv=int(spec.hidden_size) // int(spec.num_heads),
+        d_ff=int(spec.intermediate_size),
+        num_layers=int(spec.num_layers),
+        num_decoder_layers=int(spec.num_layers),
+        num_heads=int(spec.num_heads),
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(int(spec.seed))
+    return AutoModelForSeq2SeqLM.from_config(config)
