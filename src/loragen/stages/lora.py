@@ -1,12 +1,19 @@
 """stage=lora: fine-tune a LoRA on one dataset and keep its checkpoint trajectory.
 
 Recipe: setup (data, base model, LoRA with the shared init seed, objective), train with the one
-loop (trajectory checkpoints in checkpoints/step-XXXXXX/, full state in state/), save final/, and
-evaluate base and final on the held-out split into results.json (the evaluate stage's writer).
+loop (trajectory checkpoints in checkpoints/step-XXXXXX/, full state in state/, the best adapter by
+ckpt.best_metric in best/), save final/, and evaluate base, final (and best) on the held-out split into
+results.json (the evaluate stage's writer).
+
+Multiple-choice datasets train on the gold answer and are scored by the one scorer (acc). Prompt -> text
+datasets (dataset=instruction, *_instruct) train with the SFT objective on the target text, prompts
+rendered by lora.generation.chat_template/system, and are evaluated by validation loss and free
+generation (BLEU-4, ROUGE-L, exact match, ...) with lora.generation's decoding settings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -14,20 +21,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from loragen import runtime
 from loragen.data import dataset_specs, load_split
-from loragen.data.registry import heldout_split
+from loragen.data.records import TextRecord
+from loragen.data.registry import LoadedSplit, heldout_split
 from loragen.errors import ConfigError
-from loragen.evaluation import evaluate_records
+from loragen.evaluation import GenerationSettings, TextEvalOutcome, evaluate_records, evaluate_texts
 from loragen.evaluation.results import result_entry, sample_rows, write_results
 from loragen.lora.adapter_io import write_adapter
 from loragen.lora.init import attach_lora
 from loragen.models import load_model
 from loragen.provenance import provenance
 from loragen.tracking import make_tracker
-from loragen.train import Checkpointer, fit
-from loragen.train.objectives import make_objective
+from loragen.train import BestCheckpoint, Checkpointer, fit
+from loragen.train.objectives import Objective, make_objective, mean_loss, record_type_of
 from loragen.train_env import make_accelerator
 
 log = logging.getLogger(__name__)
+TEXT_EVAL_METRICS = ("bleu", "rouge_l", "exact_match", "embed_sim", "success_rate", "gen_tokens")  # periodic eval
 
 
 def run(cfg: DictConfig) -> dict:
@@ -39,25 +48,33 @@ def run(cfg: DictConfig) -> dict:
     # setup
     accelerator = make_accelerator(cfg)
     train_split = load_split(spec, str(spec.train_split), limit=cfg.lora.train_limit, **data_kw)
+    record_type = record_type_of(train_split.records)
+    generation = GenerationSettings.from_cfg(cfg.lora.generation, seed=cfg.seed)
     held_name = heldout_split(spec)
     lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device)
     model = attach_lora(lm.model, r=int(cfg.lora.r), alpha=float(cfg.lora.alpha), dropout=float(cfg.lora.dropout),
                         target_modules=list(cfg.lora.target_modules), init_seed=int(cfg.lora.init_seed))
     objective = make_objective(lm.kind, lm.tokenizer, max_length=int(cfg.lora.max_length),
-                               temperature=float(cfg.lora.temperature))
+                               temperature=float(cfg.lora.temperature), record_type=record_type,
+                               chat_template=generation.chat_template, system=generation.system)
     checkpointer = Checkpointer(out / "checkpoints", lambda path: save_adapter(model, path), every=int(cfg.ckpt.every),
                                 start_step=int(cfg.ckpt.start_step), keep_last=cfg.ckpt.keep_last,
                                 is_main=accelerator.is_main_process)
+    best = None
+    if cfg.ckpt.best_metric:
+        best = BestCheckpoint(out, lambda path: save_adapter(model, path), metric=str(cfg.ckpt.best_metric),
+                              mode=cfg.ckpt.best_mode, is_main=accelerator.is_main_process)
     eval_fn = None
     if int(cfg.train.eval_every) > 0:
         slice_ = load_split(spec, held_name, limit=cfg.lora.eval_limit, **data_kw)
-        eval_fn = make_eval_fn(lm, slice_, cfg, accelerator)
+        eval_fn = make_eval_fn(lm, slice_, cfg, accelerator, objective, generation,
+                               with_loss=record_type is TextRecord or (best is not None and best.metric == "loss"))
     tracker = make_tracker(cfg, out, accelerator.is_main_process)
 
     # train
     result = fit(model, objective.loss, train_split.records, objective.collate, cfg.train, accelerator=accelerator,
                  state_dir=out / "state", fingerprint=fingerprint(cfg, spec), tracker=tracker, eval_fn=eval_fn,
-                 checkpointer=checkpointer, data_name=f"dataset {spec.name} split {spec.train_split!r}")
+                 checkpointer=checkpointer, data_name=f"dataset {spec.name} split {spec.train_split!r}", best=best)
     if result.status == "preempted":
         tracker.finish()
         return {"status": "preempted", "step": result.step}
@@ -69,19 +86,31 @@ def run(cfg: DictConfig) -> dict:
     held = load_split(spec, held_name, limit=cfg.lora.final_eval_limit, **data_kw)
     entries, samples = [], []
     runs = ([("base", None)] if cfg.lora.eval_base else []) + [("final", str(out / "final"))]
+    if best is not None and best.record is not None:
+        if best.record["step"] == result.step:
+            log.info("the best adapter by %s is the final one (step %d)", best.metric, result.step)
+        else:
+            runs.append(("best", str(best.dir)))
     for label, path in runs:
-        outcome = score(model, lm, held, cfg, accelerator, label, use_adapter=path is not None)
-        entries.append(result_entry(label, path, lm.name, lm.path, held, outcome))
+        outcome = score(model, lm, held, cfg, accelerator, label, path, generation)
+        entry = result_entry(label, path, lm.name, lm.path, held, outcome)
+        if isinstance(outcome, TextEvalOutcome):
+            with active(model, label, path):
+                entry["loss"] = mean_loss(model, objective, held.records, batch_size=int(cfg.hardware.eval_batch_size),
+                                          accelerator=accelerator)
+        entries.append(entry)
         samples += sample_rows(label, held.dataset, outcome)
-        log.info("%-6s %s %s: acc %.4f ± %.4f (n=%d)", label, spec.name, held_name, outcome.acc, outcome.acc_stderr, outcome.n)
-    tracker.log({f"final/{e['label']}_acc": e["acc"] for e in entries}, step=result.step)
+        log_entry(spec.name, held_name, entry)
+    tracker.log({f"final/{e['label']}_{k}": e[k] for e in entries for k in ("acc", "bleu", "rouge_l", "loss") if k in e},
+                step=result.step)
     tracker.finish()
     prov = provenance(cfg, {spec.name: train_split.sha256, f"{spec.name}:{held_name}": held.sha256},
                       accelerator.num_processes)
     if accelerator.is_main_process:
         write_results(out, entries, samples, prov)
         log.info("final adapter in %s; results in %s", out / "final", out / "results.json")
-    return {"status": "completed", "step": result.step, "results": entries, "history": result.history}
+    return {"status": "completed", "step": result.step, "results": entries, "history": result.history,
+            "best": best.record if best is not None else None}
 
 
 def single_dataset(cfg: DictConfig) -> DictConfig:
@@ -98,29 +127,78 @@ def save_adapter(peft_model, path: Path) -> None:
     write_adapter(path, config=peft_model.peft_config["default"].to_dict(), tensors=get_peft_model_state_dict(peft_model))
 
 
-def score(model, lm, split, cfg: DictConfig, accelerator, label: str, use_adapter: bool):
+@contextlib.contextmanager
+def active(model, label: str, path: str | None):
+    """The PEFT model with the adapter of `label` active: none (base), the trained one (final) or `path` (best)."""
     model.eval()
-    kwargs = dict(batch_size=int(cfg.hardware.eval_batch_size), accelerator=accelerator, desc=f"eval {label}",
-                  has_acc_norm=split.has_acc_norm)
-    if use_adapter:
-        return evaluate_records(model, lm.tokenizer, lm.kind, split.records, **kwargs)
-    with model.disable_adapter():
-        return evaluate_records(model, lm.tokenizer, lm.kind, split.records, **kwargs)
+    if path is None:
+        with model.disable_adapter():
+            yield model
+    elif label == "final":
+        yield model
+    else:
+        model.load_adapter(path, adapter_name=label, is_trainable=False)
+        model.set_adapter(label)
+        try:
+            yield model
+        finally:
+            model.set_adapter("default")
+            model.delete_adapter(label)
 
 
-def make_eval_fn(lm, split, cfg: DictConfig, accelerator):
+def score(model, lm, split: LoadedSplit, cfg: DictConfig, accelerator, label: str, path: str | None,
+          generation: GenerationSettings):
+    with active(model, label, path):
+        if is_text(split):
+            return evaluate_texts(model, lm.tokenizer, lm.kind, split.records, generation=generation,
+                                  batch_size=int(cfg.hardware.eval_batch_size), language=split.meta.get("language"),
+                                  accelerator=accelerator, desc=f"eval {label}")
+        return evaluate_records(model, lm.tokenizer, lm.kind, split.records, batch_size=int(cfg.hardware.eval_batch_size),
+                                accelerator=accelerator, desc=f"eval {label}", has_acc_norm=split.has_acc_norm)
+
+
+def make_eval_fn(lm, split: LoadedSplit, cfg: DictConfig, accelerator, objective: Objective,
+                 generation: GenerationSettings, *, with_loss: bool):
+    """Periodic evaluation on the held-out slice: eval_loss (prompt -> text data, or when it picks the best
+    checkpoint), eval_acc (multiple choice), text metrics (prompt -> text data with lora.eval_generate)."""
+    batch_size = int(cfg.hardware.eval_batch_size)
+
     def eval_fn(model) -> dict[str, float]:
-        o = evaluate_records(model, lm.tokenizer, lm.kind, split.records, batch_size=int(cfg.hardware.eval_batch_size),
-                             accelerator=accelerator, desc="eval", has_acc_norm=split.has_acc_norm)
-        return {"eval_acc": o.acc} | ({"eval_acc_norm": o.acc_norm} if o.acc_norm is not None else {})
+        metrics: dict[str, float] = {}
+        if with_loss:
+            metrics["eval_loss"] = mean_loss(model, objective, split.records, batch_size=batch_size, accelerator=accelerator)
+        if not is_text(split):
+            o = evaluate_records(model, lm.tokenizer, lm.kind, split.records, batch_size=batch_size,
+                                 accelerator=accelerator, desc="eval", has_acc_norm=split.has_acc_norm)
+            metrics["eval_acc"] = o.acc
+            if o.acc_norm is not None:
+                metrics["eval_acc_norm"] = o.acc_norm
+        elif cfg.lora.eval_generate:
+            o = evaluate_texts(model, lm.tokenizer, lm.kind, split.records, generation=generation, batch_size=batch_size,
+                               language=split.meta.get("language"), accelerator=accelerator, desc="eval")
+            metrics.update({f"eval_{k}": float(o.metrics[k]) for k in TEXT_EVAL_METRICS})
+        return metrics
 
     return eval_fn
+
+
+def is_text(split: LoadedSplit) -> bool:
+    return isinstance(split.records[0], TextRecord)
+
+
+def log_entry(dataset: str, split: str, e: dict) -> None:
+    if "acc" in e:
+        log.info("%-6s %s %s: acc %.4f ± %.4f (n=%d)", e["label"], dataset, split, e["acc"], e["acc_stderr"], e["n"])
+    else:
+        log.info("%-6s %s %s: loss %.4f  BLEU-4 %.2f  ROUGE-L %.4f  EM %.4f  success %.4f (n=%d)", e["label"], dataset,
+                 split, e["loss"], e["bleu"], e["rouge_l"], e["exact_match"], e["success_rate"], e["n"])
 
 
 def fingerprint(cfg: DictConfig, spec: DictConfig) -> dict:
     """What makes a training trajectory: resuming with any of these changed is refused."""
     lora = OmegaConf.to_container(cfg.lora, resolve=True)
-    for k in ("eval_limit", "final_eval_limit", "eval_base"):
+    for k in ("eval_limit", "final_eval_limit", "eval_base", "eval_generate"):
         lora.pop(k)
+    lora["generation"] = {k: lora["generation"][k] for k in ("chat_template", "system")}  # the rest is decoding only
     return {"model": cfg.model.name, "dataset": spec.name, "train_split": str(spec.train_split), "lora": lora,
             "precision": cfg.hardware.precision}

@@ -15,6 +15,7 @@
   `train.resume=auto` continues from it, refusing one written by a different `fingerprint`.
 - `eval_fn(model) -> dict of metrics` runs every `train.eval_every` steps on every process (the model
   is unwrapped and in eval mode); `checkpointer` (train.checkpoints.Checkpointer) saves trajectories;
+  `best` (train.checkpoints.BestCheckpoint) gets every evaluation's metrics and keeps the best adapter;
   `on_step(step)` runs after every optimizer step.
 - Tracker metrics: train/{loss, lr, grad_norm, units_per_s, samples_per_s, tokens_per_s, memory_mb}, eval/*.
 Only the main process writes files and logs.
@@ -38,7 +39,7 @@ from loragen import runtime
 from loragen.errors import ConfigError, LoragenError
 from loragen.train import state as st
 from loragen.train.batches import StepBatches
-from loragen.train.checkpoints import Checkpointer
+from loragen.train.checkpoints import BestCheckpoint, Checkpointer
 from loragen.train.preemption import PreemptionFlag
 from loragen.train.schedule import make_scheduler
 
@@ -66,7 +67,8 @@ class FitResult:
 def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Callable[[list], Any], train_cfg: DictConfig,
         *, accelerator, state_dir: str | Path, fingerprint: dict | None = None, tracker=None,
         eval_fn: Callable[[torch.nn.Module], dict] | None = None, checkpointer: Checkpointer | None = None,
-        data_name: str = "the training data", on_step: Callable[[int], None] | None = None) -> FitResult:
+        data_name: str = "the training data", on_step: Callable[[int], None] | None = None,
+        best: BestCheckpoint | None = None) -> FitResult:
     """Train `model` for train_cfg.max_steps optimizer steps (see the module docstring)."""
     tc = train_cfg
     acc = accelerator
@@ -99,6 +101,10 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
             log.info("resuming from %s at step %d of %d", state_dir, start, tc.max_steps)
     if checkpointer is not None:
         checkpointer.resume_at(start)
+    if best is not None:
+        if eval_fn is None or int(tc.eval_every) <= 0:
+            raise ConfigError("ckpt.best_metric needs periodic evaluations: set train.eval_every > 0")
+        best.resume_at(start)
 
     def save_full_state(step: int) -> None:
         rng = _gather_objects(acc, torch.get_rng_state())
@@ -151,6 +157,8 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
                 history.append(row)
                 tracker.log({(k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}"): v
                              for k, v in row.items() if k != "step"}, step=done)
+            if evaluated and best is not None:
+                best.update(done, row)
             if checkpointer is not None and checkpointer.due(done):
                 checkpointer.save(done, {k: row[k] for k in row if k != "step"})
             if on_step is not None:
