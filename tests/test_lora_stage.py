@@ -106,3 +106,23 @@ def test_quick_preset_trains_minilm_offline(tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     base_pred = {s["id"]: s["pred"] for s in samples if s["label"] == "base"}
     assert sum(s["pred"] != base_pred[s["id"]] for s in samples if s["label"] == "final") > 20  # the adapter acts
+
+
+def test_base_dropout_off_makes_minilm_training_forward_deterministic(paths):
+    from loragen.stages.lora import disable_dropout
+
+    lm = load_model(OmegaConf.load(CONF / "model" / "minilm.yaml"), paths)
+    enc = lm.tokenizer(["a question about rocks"], return_tensors="pt")
+    lm.model.train()
+    torch.manual_seed(0)
+    a = lm.model(**enc).last_hidden_state
+    b = lm.model(**enc).last_hidden_state
+    assert not torch.allclose(a, b)  # MiniLM's own dropout (0.1) is active in train mode
+    # BERT's 6 layers: attention-probs, attention-output and output dropouts each, plus the embeddings'
+    assert disable_dropout(lm.model) == 6 * 3 + 1
+    with torch.no_grad():
+        lm.model.eval()
+        ref = lm.model(**enc).last_hidden_state
+    lm.model.train()
+    assert torch.equal(lm.model(**enc).last_hidden_state, lm.model(**enc).last_hidden_state)
+    assert torch.allclose(lm.model(**enc).last_hidden_state, ref, atol=1e-6)

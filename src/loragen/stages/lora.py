@@ -17,6 +17,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from loragen import runtime
@@ -52,6 +53,8 @@ def run(cfg: DictConfig) -> dict:
     generation = GenerationSettings.from_cfg(cfg.lora.generation, seed=cfg.seed)
     held_name = heldout_split(spec)
     lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device)
+    if not cfg.lora.base_dropout:
+        disable_dropout(lm.model)
     model = attach_lora(lm.model, r=int(cfg.lora.r), alpha=float(cfg.lora.alpha), dropout=float(cfg.lora.dropout),
                         target_modules=list(cfg.lora.target_modules), init_seed=int(cfg.lora.init_seed))
     objective = make_objective(lm.kind, lm.tokenizer, max_length=int(cfg.lora.max_length),
@@ -111,6 +114,21 @@ def run(cfg: DictConfig) -> dict:
         log.info("final adapter in %s; results in %s", out / "final", out / "results.json")
     return {"status": "completed", "step": result.step, "results": entries, "history": result.history,
             "best": best.record if best is not None else None}
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of the base model to p=0 (before LoRA adds its own lora_dropout); returns how many.
+
+    MiniLM trains with hidden and attention dropout 0.1 in train mode; with it on, 100 steps of its LoRA
+    gained ARC-Easy +0.8 pt, with it off +1.6 pt (issue 4's note). Causal LMs here have dropout 0 anyway.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, count = 0.0, count + 1
+        elif isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
+            module.attention_dropout, count = 0.0, count + 1  # Llama/Qwen-style attention keeps a float, not a module
+    return count
 
 
 def single_dataset(cfg: DictConfig) -> DictConfig:
