@@ -130,12 +130,12 @@ def test_kind_is_told_by_module_names_without_a_task_type(paths, t5, adapters, t
 
 def test_a_lora_on_tiny_t5_learns_repeated_examples(paths, tmp_path):
     lm = load_model(mcfg("tiny_t5"), paths)
-    model = attach_lora(lm.model, r=4, alpha=8, dropout=0.0, target_modules=["q", "v"], init_seed=0)
+    model = attach_lora(lm.model, r=8, alpha=32, dropout=0.0, target_modules=["q", "v"], init_seed=0)
     obj = make_objective("seq2seq", lm.tokenizer, max_length=64, temperature=1.0, record_type=TextRecord)
     records = [TextRecord(str(i), p, t) for i, (p, t) in enumerate([("Name a planet.", "Mars"), ("Is water wet?", "Yes."),
                                                                      ("Say hello.", "Hello there."), ("2+2?", "4")])] * 2
     before, _ = obj.loss(model, obj.collate(records))
-    res = fit(model, obj.loss, records, obj.collate, train_cfg(max_steps=15, lr=2e-2, per_device_batch=4),
+    res = fit(model, obj.loss, records, obj.collate, train_cfg(max_steps=30, lr=2e-2, per_device_batch=4),
               accelerator=Accelerator(cpu=True), state_dir=tmp_path / "state")
     after, n = obj.loss(model, obj.collate(records))
-    assert res.step == 15 and float(after) < 0.5 * float(before), (float(before) / n, float(after) / n)
+    assert res.step == 30 and float(after) < 0.5 * float(before), (float(before) / n, float(after) / n)

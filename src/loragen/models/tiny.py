@@ -147,4 +147,7 @@ def build_t5(spec: DictConfig, tokenizer):
         decoder_start_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(int(spec.seed))
-    return AutoModelForSeq2SeqLM.from_config(config)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    with torch.no_grad():  # T5 initialises an untied head with std 1: logits far larger than a trained model's
+        model.lm_head.weight.normal_(0.0, float(spec.lm_head_std))
+    return model
