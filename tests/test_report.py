@@ -24,7 +24,7 @@ from loragen.lora.adapter_io import Adapter, write_adapter
 from loragen.report.runs import collect, kind_of
 from loragen.report.similarity import delta_cosine_matrix
 from loragen.train.checkpoints import Checkpointer
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_stage_in_process
 from tests.test_generator_generate import run_stage
 
 R, HIDDEN, MODULES = 2, 6, ["query", "value"]
@@ -271,3 +271,145 @@ def test_dnd_recipe_ends_with_a_report(tmp_path):
     assert rows["piqa/final"][-1] == f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
     assert (run / "report" / "timing.png").is_file() and (run / "report" / "similarity_lora_piqa.png").is_file()
     assert "| piqa |" in text  # the timing row of the held-out dataset
+
+
+# ---------------------------------------------------------------- prompt -> text runs
+
+# A hand-made evaluate run on Chinese instructions (eval.method=generate): label -> text metrics, with the
+# cells the report must print (BLEU-4 2 decimals, fractions 4, s / doc 3, tokens / doc 1; embed sim flagged †).
+ZH = {
+    "base": ({"bleu": 3.14159, "rouge_l": 0.125, "exact_match": 0.0, "embed_sim": 0.33333, "success_rate": 0.5,
+              "gen_seconds": 0.12345, "gen_tokens": 7.25},
+             ["3.14", "0.1250", "0.0000", "0.3333 †", "0.5000", "0.123", "7.2"]),
+    "zh_lora": ({"bleu": 41.666, "rouge_l": 0.5625, "exact_match": 0.25, "embed_sim": 0.71875, "success_rate": 1.0,
+                 "gen_seconds": 0.0625, "gen_tokens": 4.0},
+                ["41.67", "0.5625", "0.2500", "0.7188 †", "1.0000", "0.062", "4.0"]),
+}
+
+
+@pytest.fixture(scope="module")
+def text_eval(tmp_path_factory) -> Path:
+    """An evaluate run holding prompt->text entries (zh, English-only embed sim) and one multiple-choice entry."""
+    run = tmp_path_factory.mktemp("text_eval") / "gen_zh"
+    ad = write_adapter(run.parent / "zh_lora", adapter(1.0, 3))
+    entries, samples = [], []
+    for label, (metrics, _) in ZH.items():
+        entries.append({"label": label, "adapter_path": None if label == "base" else str(ad), "model": "tiny_qwen2",
+                        "model_path": "m", "dataset": "alpaca_zh", "split": "validation", "n": 4, **metrics,
+                        "language": "zh", "bleu_tokenize": "zh", "embed_sim_english_only": True, "seconds": 1.0})
+        samples += [{"label": label, "dataset": "alpaca_zh", "id": f"zh/{i}", "prompt": "问题", "output": "答案",
+                     "reference": "答案", "tokens": 2, "terminated": True, "seconds": 0.1, "bleu": 0.0, "rouge_l": 1.0,
+                     "exact_match": 1.0, "embed_sim": 0.5, "success": True} for i in range(4)]
+    entries.append({"label": "base", "adapter_path": None, "model": "tiny_qwen2", "model_path": "m",
+                    "dataset": "arc_easy", "split": "test", "n": 4, "acc": 0.75, "acc_stderr": 0.25, "acc_norm": None,
+                    "seconds": 1.0})
+    samples += [{"label": "base", "dataset": "arc_easy", "id": f"arc/{i}", "gold": 0, "scores": [0.0], "pred": 0,
+                 "acc": float(i > 0)} for i in range(4)]
+    write_results(run, entries, samples, {"seed": 0})
+    return run
+
+
+def generation_rows(text: str, dataset: str) -> dict[str, list[str]]:
+    """The Generation metrics table of `dataset`: display label -> cells."""
+    section = text[text.index("## Generation metrics"):]
+    return table_rows(section[section.index(f"### {dataset} "):], "| label | role | model | split | n | BLEU-4 |")
+
+
+def test_text_and_multiple_choice_runs_in_one_report(text_eval, pipeline, tmp_path):
+    out = tmp_path / "out"
+    run_stage(["stage=report", f"report.runs=[{text_eval},{pipeline / 'evaluate' / 'piqa'}]", f"hydra.run.dir={out}",
+               "tracker=none"])
+    text = (out / "report.md").read_text()
+    rows = generation_rows(text, "alpaca_zh")
+    assert list(rows) == ["base", "zh_lora"]  # one run evaluated alpaca_zh: labels without the run's name
+    for label, (_, cells) in ZH.items():
+        role, model, split, n, *metrics = rows[label]
+        assert (model, split, n) == ("tiny_qwen2", "validation", "4") and metrics == cells
+    assert rows["base"][0] == "base" and rows["zh_lora"][0] == "adapter"
+    assert "### alpaca_zh (language zh; BLEU tokenize=zh)" in text
+    assert "† all-MiniLM-L6-v2 is an English-only model and these outputs are in zh" in text
+    # the multiple-choice entries of both runs keep their accuracy tables (text rows left out of per_document)
+    assert table_rows(text, "| label | role |")["base"][4] == "0.7500 ± 0.2500"
+    assert table_rows(text[text.index("### piqa"):], "| label | role |")["piqa/final"][4] == "0.7000 ± 0.1528"  # 7 of 10
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "generation_alpaca_zh.png" in pngs and "accuracy_arc_easy.png" in pngs and "accuracy_piqa.png" in pngs
+    with Image.open(out / "generation_alpaca_zh.png") as im:
+        im.verify()
+        assert im.format == "PNG" and im.size[0] > 600
+    assert "](generation_alpaca_zh.png)" in text
+
+
+def test_text_entry_without_its_metrics_is_a_clear_error(tmp_path):
+    entry = {"label": "base", "adapter_path": None, "dataset": "d", "split": "test", "n": 2, "bleu": 1.0,
+             "rouge_l": 0.5}
+    io.write_json(tmp_path / "ev" / "results.json", {"results": [entry]})
+    with pytest.raises(DataError, match=r"ev/results.json/results\[0\]: expected acc \(a multiple-choice entry\) or the "
+                                        r"text metrics bleu, .* missing exact_match, embed_sim, success_rate, "
+                                        r"gen_seconds, gen_tokens"):
+        collect([tmp_path / "ev"])
+
+
+TEXT_LORA = ["stage=lora", "model=tiny_qwen2", "dataset=arc_easy_instruct", "hardware=cpu", "tracker=none",
+             "train.per_device_batch=4", "train.lr=5e-3", "lora.train_limit=8", "lora.eval_limit=4",
+             "lora.final_eval_limit=6", "train.max_steps=3", "train.eval_every=2", "train.log_every=1", "ckpt.every=2",
+             "ckpt.best_metric=bleu", "lora.generation.max_new_tokens=6"]
+
+
+@pytest.fixture(scope="module")
+def text_lora(tmp_path_factory) -> Path:
+    """A real, tiny lora run on converted ARC-Easy instructions (SFT, periodic loss + text metrics, best/)."""
+    out = tmp_path_factory.mktemp("text_lora") / "arc_instruct"
+    run_stage_in_process(TEXT_LORA, out)
+    return out
+
+
+def text_cells(e: dict) -> list[str]:
+    """The metric cells results.md prints for a results.json entry (en: no † flag), then val loss."""
+    return [f"{e['bleu']:.2f}", f"{e['rouge_l']:.4f}", f"{e['exact_match']:.4f}", f"{e['embed_sim']:.4f}",
+            f"{e['success_rate']:.4f}", f"{e['gen_seconds']:.3f}", f"{e['gen_tokens']:.1f}", f"{e['loss']:.4f}"]
+
+
+@pytest.mark.slow
+def test_report_of_a_real_text_lora_run(text_lora, tmp_path):
+    out = tmp_path / "out"
+    run_stage(["stage=report", f"report.runs=[{text_lora}]", f"hydra.run.dir={out}", "tracker=none"])
+    text = (out / "report.md").read_text()
+    results = json.loads((text_lora / "results.json").read_text())["results"]
+    best = json.loads((text_lora / "best.json").read_text())
+    # the one periodic evaluation (step 2) is the best; final is step 3, so best/ is evaluated too
+    assert (best["step"], best["metric"]) == (2, "bleu") and [e["label"] for e in results] == ["base", "final", "best"]
+    rows = generation_rows(text, "arc_easy_instruct")
+    assert list(rows) == ["base", "final", "best"]
+    for e in results:
+        role, model, split, n, *metrics = rows[e["label"]]
+        assert (model, split, int(n)) == ("tiny_qwen2", "test", 6) and metrics == text_cells(e)
+    assert rows["final"][0] == rows["best"][0] == "LoRA (own dataset)" and rows["base"][0] == "base"
+    lora = table_rows(text, "| run | dataset | steps |")["lora/arc_instruct"]
+    final = next(e for e in results if e["label"] == "final")
+    assert lora[-2] == "step 2: bleu 0.0000" and lora[-1] == (
+        f"arc_easy_instruct test n=6: BLEU-4 {final['bleu']:.2f}, ROUGE-L {final['rouge_l']:.4f}, loss {final['loss']:.4f}")
+    history = json.loads((text_lora / "state" / "trainer.json").read_text())["history"]
+    (ev,) = [h for h in history if "eval_loss" in h]
+    assert lora[3] == f"step 2: loss {ev['eval_loss']:.4f}, BLEU-4 {ev['eval_bleu']:.2f}, ROUGE-L {ev['eval_rouge_l']:.4f}"
+    assert "lora/arc_instruct: best/ is the step-2 adapter, by bleu (max)" in text and "the `best` rows" in text
+    assert "No multiple-choice evaluation" not in text and "No evaluate run among the given runs." in text
+    assert {"curves_lora.png", "generation_arc_easy_instruct.png", "similarity_lora_arc_instruct.png"} <= \
+        {p.name for p in out.glob("*.png")}
+
+
+@pytest.mark.slow
+def test_mixed_report_of_a_text_run_and_a_multiple_choice_run(text_lora, pipeline, tmp_path):
+    out = tmp_path / "out"
+    run_stage(["stage=report", f"report.runs=[{text_lora},{pipeline / 'lora' / 'piqa'},{pipeline / 'evaluate' / 'piqa'}]",
+               f"hydra.run.dir={out}", "tracker=none"])
+    text = (out / "report.md").read_text()
+    rows = generation_rows(text, "arc_easy_instruct")
+    for e in json.loads((text_lora / "results.json").read_text())["results"]:
+        assert rows[e["label"]][4:] == text_cells(e)
+    acc = table_rows(text, "| label | role |")
+    for e in json.loads((pipeline / "evaluate" / "piqa" / "results.json").read_text())["results"]:
+        assert acc[e["label"]][4] == f"{e['acc']:.4f} ± {e['acc_stderr']:.4f}"
+    lora = table_rows(text, "| run | dataset | steps |")
+    assert lora["lora/piqa"][-1] == "piqa validation n=8: 0.6250" and lora["lora/piqa"][3] == "step 4: acc 0.7000"
+    assert lora["lora/arc_instruct"][-1].startswith("arc_easy_instruct test n=6: BLEU-4 ")
+    assert {"accuracy_piqa.png", "generation_arc_easy_instruct.png", "curves_lora.png"} <= {p.name for p in out.glob("*.png")}

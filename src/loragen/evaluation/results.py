@@ -81,7 +81,7 @@ def render_text_metrics(entries: Sequence[dict]) -> str:
         lines += [f"## generation: {d} ({first['split']}, n={first['n']}, language {first['language']})", "",
                   "| | " + " | ".join(TEXT_HEADERS[m] for m in TEXT_METRICS) + " |", "|---" * (len(TEXT_METRICS) + 1) + "|"]
         for e in rows:
-            cells = [_fmt_text(m, e.get(m)) for m in TEXT_METRICS]
+            cells = [fmt_text_metric(m, e.get(m)) for m in TEXT_METRICS]
             lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
         lines += ["", f"BLEU-4: sacreBLEU corpus BLEU (0-100), tokenize={first['bleu_tokenize']}. "
                   "ROUGE-L F1: longest common subsequence, mean over documents; CJK text by characters, other text by "
@@ -97,7 +97,8 @@ def render_text_metrics(entries: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def _fmt_text(metric: str, v) -> str:
+def fmt_text_metric(metric: str, v) -> str:
+    """A text metric as results.md and the report print it: BLEU 2 decimals, seconds 3, tokens 1, fractions 4."""
     if v is None:
         return "–"
     return {"bleu": f"{v:.2f}", "gen_seconds": f"{v:.3f}", "gen_tokens": f"{v:.1f}"}.get(metric, f"{v:.4f}")

@@ -1,7 +1,9 @@
-"""The report's PNG plots (matplotlib, Agg backend): curves, accuracy bars, similarity heatmaps, timing bars."""
+"""The report's PNG plots (matplotlib, Agg backend): curves, accuracy bars, text-metric bars, similarity heatmaps,
+timing bars."""
 
 from __future__ import annotations
 
+import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ class Panel:
     lines: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # label -> (x, y)
     xlabel: str = "optimizer step"
     logy: bool = False
+    marks: dict[str, tuple[float, float]] = field(default_factory=dict)  # label -> one highlighted point (x, y)
 
 
 def save(fig, path: Path) -> Path:
@@ -35,13 +38,19 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def curves(panels: list[Panel], title: str, path: Path) -> Path:
-    """Side-by-side line plots sharing the x axis meaning (training curves)."""
+def curves(panels: list[Panel], title: str, path: Path, per_row: int = 3) -> Path:
+    """Line plots sharing the x axis meaning (training curves), `per_row` panels a row; empty panels dropped."""
     panels = [p for p in panels if p.lines]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
-    for ax, p in zip(axes[0], panels):
+    cols = min(per_row, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, p in zip(axes.flat, panels):
         for label, (x, y) in p.lines.items():
             ax.plot(x, y, marker="o" if len(x) <= 12 else None, markersize=3, label=label)
+        for label, (x, y) in p.marks.items():
+            ax.scatter([x], [y], marker="*", s=140, color="gold", edgecolor="black", zorder=4, label=label)
         ax.set(title=p.title, xlabel=p.xlabel, ylabel=p.ylabel)
         if p.logy and all(v > 0 for _, ys in p.lines.values() for v in ys):
             ax.set_yscale("log")
@@ -84,6 +93,31 @@ def accuracy_bars(rows: list[dict], generated: list[float], title: str, path: Pa
     ax.legend([h for h, _ in legend] + extra_h, [n for _, n in legend] + extra_l, fontsize=7, loc="upper left",
               bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def text_metric_bars(rows: list[dict], title: str, path: Path) -> Path:
+    """Two panels of horizontal bars, BLEU-4 (0-100) and ROUGE-L F1 (0-1): one bar per row (label, role, bleu,
+    rouge_l), colored by role."""
+    labels = [r["label"] for r in rows]
+    colors = [ROLE_COLORS.get(r["role"].split(":")[0], ROLE_COLORS["adapter"]) for r in rows]
+    y = np.arange(len(rows))[::-1]
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 0.42 * len(rows) + 1.8), sharey=True)
+    for ax, key, name, top in ((axes[0], "bleu", "BLEU-4 (sacreBLEU, 0-100)", 100.0),
+                               (axes[1], "rouge_l", "ROUGE-L F1 (0-1)", 1.0)):
+        values = [float(r[key]) for r in rows]
+        ax.barh(y, values, color=colors, edgecolor="black", linewidth=0.4)
+        for yi, v in zip(y, values):
+            ax.text(v, yi, f"  {v:.2f}" if key == "bleu" else f"  {v:.4f}", va="center", fontsize=8)
+        ax.set_xlim(0, min(top * 1.05, max(values + [top / 100]) * 1.3))
+        ax.set(title=name, xlabel=name)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, labels, fontsize=8)
+    used = dict.fromkeys(r["role"].split(":")[0] for r in rows)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=ROLE_COLORS.get(n, ROLE_COLORS["adapter"])) for n in used]
+    axes[1].legend(handles, list(used), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize=11)
     fig.tight_layout()
     return save(fig, path)
 

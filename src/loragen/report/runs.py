@@ -4,6 +4,10 @@
     generator  metrics.json + generator/ (history, held-out comparison)
     generate   generate.json (adapters with their generation seconds)
     evaluate   results.json (+ samples.jsonl)
+
+results.json entries (a lora run's own, or an evaluate run's) are multiple-choice (acc, acc_stderr, acc_norm)
+or prompt->text (bleu, rouge_l, exact_match, embed_sim, success_rate, gen_seconds, gen_tokens: text metrics);
+a lora run may also hold best.json (the adapter kept by ckpt.best_metric in best/).
     pipeline   table.json, or step subdirectories (depth 1 or 2) with a fingerprint.json
 
 A pipeline dir stands for its finished steps; steps of other kinds (tokenize, transfer, report) are
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loragen.errors import DataError
+from loragen.evaluation.text_evaluator import METRICS as TEXT_METRICS
 
 EXPECTED = ("a pipeline dir (table.json or step dirs with fingerprint.json), a lora run (final/adapter_config.json "
             "and state/trainer.json), a generator run (metrics.json and generator/), a generate run (generate.json) "
@@ -52,6 +57,7 @@ class TrainedRun(Run):
 class LoraRun(TrainedRun):
     checkpoints: list[dict] = field(default_factory=list)  # manifest entries: step, path, loss, lr, eval metrics
     results: list[dict] = field(default_factory=list)      # its final evaluation (results.json)
+    best: dict | None = None                               # best.json: step, metric, value, mode
 
     @property
     def dataset(self) -> str:
@@ -77,13 +83,18 @@ class EvaluateRun(Run):
     results: list[dict] = field(default_factory=list)
 
     def per_document(self) -> dict[tuple[str, str], dict[str, float]]:
-        """(label, dataset) -> {document id: acc} from samples.jsonl (empty when the run has none)."""
+        """(label, dataset) -> {document id: acc} from samples.jsonl (empty when the run has none).
+
+        Rows of prompt->text entries (no acc: generated outputs) are left out."""
         path = self.path / "samples.jsonl"
+        text = {(e["label"], e["dataset"]) for e in self.results if is_text(e)}
         out: dict[tuple[str, str], dict[str, float]] = {}
         if path.is_file():
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 try:
                     s = json.loads(line)
+                    if (s["label"], s["dataset"]) in text:
+                        continue
                     out.setdefault((s["label"], s["dataset"]), {})[str(s["id"])] = float(s["acc"])
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                     raise DataError(f"{path} line {n}: expected a JSON object with label, dataset, id and acc "
@@ -108,6 +119,11 @@ class Runs:
             if p.parent == run.path or p.parent == run.path / "checkpoints":
                 return run
         return None
+
+
+def is_text(entry: dict) -> bool:
+    """A prompt->text results.json entry (text metrics), not a multiple-choice one (acc)."""
+    return "acc" not in entry
 
 
 def kind_of(path: Path) -> str | None:
@@ -184,15 +200,34 @@ def _key(obj: dict, key: str, path: Path) -> Any:
     return obj[key]
 
 
+def read_results(path: Path) -> list[dict]:
+    """results.json's entries, each checked to be a multiple-choice or a prompt->text entry."""
+    results = _key(read_json(path), "results", path)
+    for i, e in enumerate(results):
+        where = path / f"results[{i}]"
+        for k in ("label", "adapter_path", "dataset", "split", "n"):
+            _key(e, k, where)
+        if is_text(e):
+            missing = [k for k in TEXT_METRICS if k not in e]
+            if missing:
+                raise DataError(f"{where}: expected acc (a multiple-choice entry) or the text metrics "
+                                f"{', '.join(TEXT_METRICS)} (a prompt->text entry); missing {', '.join(missing)}")
+    return results
+
+
 def load_lora(path: Path, name: str, seconds: float | None) -> LoraRun:
     trainer = read_json(path / "state" / "trainer.json")
     manifest = path / "checkpoints" / "manifest.json"
-    results = _key(read_json(path / "results.json"), "results", path / "results.json") \
-        if (path / "results.json").is_file() else []
+    results = read_results(path / "results.json") if (path / "results.json").is_file() else []
+    best = None
+    if (path / "best.json").is_file():
+        best = read_json(path / "best.json")
+        for k in ("step", "metric", "value", "mode"):
+            _key(best, k, path / "best.json")
     return LoraRun(path, name, seconds, history=_key(trainer, "history", path / "state" / "trainer.json"),
                    fingerprint=trainer.get("fingerprint", {}),
                    checkpoints=_key(read_json(manifest), "checkpoints", manifest) if manifest.is_file() else [],
-                   results=results)
+                   results=results, best=best)
 
 
 def load_generator(path: Path, name: str, seconds: float | None) -> GeneratorRun:
@@ -210,11 +245,7 @@ def load_generate(path: Path, name: str, seconds: float | None) -> GenerateRun:
 
 
 def load_evaluate(path: Path, name: str, seconds: float | None) -> EvaluateRun:
-    results = _key(read_json(path / "results.json"), "results", path / "results.json")
-    for i, e in enumerate(results):
-        for k in ("label", "adapter_path", "dataset", "split", "n", "acc"):
-            _key(e, k, path / "results.json" / f"results[{i}]")
-    return EvaluateRun(path, name, seconds, results=results)
+    return EvaluateRun(path, name, seconds, results=read_results(path / "results.json"))
 
 
 LOADERS = {"lora": load_lora, "generator": load_generator, "generate": load_generate, "evaluate": load_evaluate}

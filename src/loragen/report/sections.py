@@ -1,6 +1,7 @@
 """The report's sections: each reads the collected runs, draws its plots into `out` and returns markdown lines.
 
-Every accuracy printed is the value in a results.json, formatted with 4 decimals.
+Every accuracy printed is the value in a results.json, formatted with 4 decimals; every text metric is the
+value in a results.json as results.md prints it (BLEU-4 2 decimals, fractions and loss 4, s / doc 3, tokens 1).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import numpy as np
 
 from loragen.errors import CheckpointError
 from loragen.evaluation.metrics import paired_bootstrap
+from loragen.evaluation.results import TEXT_HEADERS, fmt_text_metric
+from loragen.evaluation.text_evaluator import METRICS as TEXT_METRICS
+from loragen.evaluation.text_metrics import EMBED_MODEL
 from loragen.report import plots
-from loragen.report.runs import EvaluateRun, LoraRun, Runs, TrainedRun, read_json
+from loragen.report.runs import EvaluateRun, LoraRun, Run, Runs, TrainedRun, is_text, read_json
 from loragen.report.similarity import cosine_of_dirs
 
 
@@ -75,7 +79,8 @@ def accuracy_rows(runs: Runs, seed: int) -> dict[str, list[dict]]:
     groups: dict[str, list[tuple[EvaluateRun, dict]]] = {}
     for run in runs.evaluate:
         for e in run.results:
-            groups.setdefault(e["dataset"], []).append((run, e))
+            if not is_text(e):
+                groups.setdefault(e["dataset"], []).append((run, e))
     out: dict[str, list[dict]] = {}
     for dataset, members in groups.items():
         multi = len({id(r) for r, _ in members}) > 1
@@ -119,6 +124,9 @@ def generated_summary(rows: list[dict], seed: int) -> dict | None:
 def accuracy_section(runs: Runs, out: Path, seed: int) -> list[str]:
     if not runs.evaluate:
         return ["## Accuracy", "", "No evaluate run among the given runs.", ""]
+    if not any(not is_text(e) for run in runs.evaluate for e in run.results):
+        return ["## Accuracy", "", "No multiple-choice evaluation among the given runs (prompt->text results are "
+                "under Generation metrics).", ""]
     lines = ["## Accuracy", "",
              "acc from each results.json (± its stderr); Δ vs base: mean per-document difference to the base model "
              "of the same evaluate run with its paired-bootstrap 95% interval (2000 resamples).", ""]
@@ -149,6 +157,60 @@ def fmt_diff(diff: tuple[float, float, float] | None) -> str:
     return f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
+# ---------------------------------------------------------------- generation metrics
+
+def text_rows(runs: Runs) -> dict[str, list[dict]]:
+    """dataset -> one row per prompt->text results.json entry (evaluate runs, then lora runs' own evaluation),
+    with its role and display label (prefixed by the run's name when several runs evaluated the dataset)."""
+    members: list[tuple[Run, dict]] = [(r, e) for r in [*runs.evaluate, *runs.lora] for e in r.results if is_text(e)]
+    out: dict[str, list[dict]] = {}
+    for dataset in dict.fromkeys(e["dataset"] for _, e in members):
+        mine = [(r, e) for r, e in members if e["dataset"] == dataset]
+        multi = len({id(r) for r, _ in mine}) > 1
+        out[dataset] = [{**e, "run": r.name, "role": role_of(e["adapter_path"], dataset),
+                         "display": f"{r.name}: {e['label']}" if multi else e["label"]} for r, e in mine]
+    return out
+
+
+def generation_section(runs: Runs, out: Path) -> list[str]:
+    groups = text_rows(runs)
+    if not groups:
+        return []
+    lines = ["## Generation metrics", "",
+             "Prompt->text evaluations (free generation on the held-out split), each value from its results.json. "
+             "BLEU-4: sacreBLEU corpus BLEU (0-100); ROUGE-L F1: mean over documents (CJK text by characters); exact "
+             "match: fraction of outputs equal to the reference (whitespace-normalised); embed sim: mean cosine of "
+             f"{EMBED_MODEL} embeddings of output and reference; success: fraction of non-empty outputs that ended "
+             "with end-of-sequence; s / doc and tokens / doc: mean generation time and new tokens per document; "
+             "val loss: the lora run's validation loss per target token on the same documents.", ""]
+    for dataset, rows in groups.items():
+        splits = "; ".join(sorted({f"{r['split']}, n={r['n']}" for r in rows}))
+        languages = ", ".join(dict.fromkeys(str(r.get("language", "?")) for r in rows))
+        tokenize = ", ".join(dict.fromkeys(str(r.get("bleu_tokenize", "?")) for r in rows))
+        with_loss = any(r.get("loss") is not None for r in rows)
+        title = f"BLEU-4 and ROUGE-L on {dataset} ({splits})"
+        png = plots.text_metric_bars([r | {"label": r["display"]} for r in rows], title,
+                                     out / f"generation_{slug(dataset)}.png")
+        head = ["label", "role", "model", "split", "n", *(TEXT_HEADERS[m] for m in TEXT_METRICS)] + \
+            (["val loss"] if with_loss else [])
+        lines += [f"### {dataset} (language {languages}; BLEU tokenize={tokenize})", "", image(png, title), "",
+                  "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for r in rows:
+            cells = [fmt_text_metric(m, r.get(m)) for m in TEXT_METRICS]
+            if r.get("embed_sim_english_only"):
+                cells[TEXT_METRICS.index("embed_sim")] += " †"
+            if with_loss:
+                cells.append(fmt_text_metric("loss", r.get("loss")))
+            lines.append(f"| {r['display']} | {r['role']} | {r['model']} | {r['split']} | {r['n']} | "
+                         + " | ".join(cells) + " |")
+        flagged = sorted({str(r.get("language")) for r in rows if r.get("embed_sim_english_only")})
+        if flagged:
+            lines += ["", f"† {EMBED_MODEL} is an English-only model and these outputs are in {', '.join(flagged)} "
+                          "(results.json: embed_sim_english_only): their embed sim is not a meaningful similarity."]
+        lines.append("")
+    return lines
+
+
 # ---------------------------------------------------------------- training curves
 
 def _series(run: TrainedRun, key: str) -> tuple[list[float], list[float]]:
@@ -156,30 +218,87 @@ def _series(run: TrainedRun, key: str) -> tuple[list[float], list[float]]:
     return [r["step"] for r in rows], [r[key] for r in rows]
 
 
+def lora_panels(runs: list[LoraRun]) -> list[plots.Panel]:
+    """Training loss, lr, and every periodic evaluation the runs logged (accuracy, validation loss, text metrics);
+    each run's best checkpoint (best.json) starred on the panel of its metric."""
+    loss = plots.Panel("training loss", "loss (per loss unit)", logy=True)
+    lr = plots.Panel("learning rate", "lr")
+    acc = plots.Panel("in-training eval accuracy (held-out split slice)", "accuracy (fraction correct)")
+    val = plots.Panel("validation loss (held-out split slice)", "loss (mean per target token)")
+    bleu = plots.Panel("in-training BLEU-4 (held-out split slice)", "BLEU-4 (0-100)")
+    frac = plots.Panel("in-training text metrics (held-out split slice)", "fraction / mean (0-1)")
+    tokens = plots.Panel("in-training generation length (held-out split slice)", "new tokens per document")
+    where = {"loss": (loss, ""), "lr": (lr, ""), "eval_acc": (acc, ""), "eval_acc_norm": (acc, "acc_norm"),
+             "eval_loss": (val, ""), "eval_bleu": (bleu, ""), "eval_rouge_l": (frac, "ROUGE-L F1"),
+             "eval_exact_match": (frac, "exact match"), "eval_embed_sim": (frac, "embed sim"),
+             "eval_success_rate": (frac, "success"), "eval_gen_tokens": (tokens, "")}
+    for run in runs:
+        for key, (panel, what) in where.items():
+            x, y = _series(run, key)
+            if x:
+                panel.lines[f"{run.name} {what}".strip()] = (x, y)
+        key = f"eval_{run.best['metric']}" if run.best else None
+        if key in where:
+            where[key][0].marks[f"{run.name}: best/ by {run.best['metric']} (step {run.best['step']})"] = \
+                (run.best["step"], run.best["value"])
+    return [loss, lr, acc, val, bleu, frac, tokens]
+
+
+LAST_EVAL = (("eval_acc", "acc", ".4f"), ("eval_loss", "loss", ".4f"), ("eval_bleu", "BLEU-4", ".2f"),
+             ("eval_rouge_l", "ROUGE-L", ".4f"))
+
+
+def last_eval(run: LoraRun) -> str:
+    """The last periodic evaluation: its accuracy (multiple choice), validation loss, BLEU-4 and ROUGE-L."""
+    rows = [r for r in run.history if any(key in r for key, _, _ in LAST_EVAL)]
+    if not rows:
+        return "–"
+    r = rows[-1]
+    return f"step {r['step']}: " + ", ".join(f"{name} {fmt(r[key], spec)}" for key, name, spec in LAST_EVAL if key in r)
+
+
+def final_eval(run: LoraRun) -> str:
+    """The final adapter's held-out results (results.json): acc, or BLEU-4, ROUGE-L and validation loss."""
+    out = []
+    for e in (e for e in run.results if e["label"] == "final"):
+        head = f"{e['dataset']} {e['split']} n={e['n']}: "
+        if not is_text(e):
+            out.append(head + fmt(e["acc"]))
+        else:
+            loss = f", loss {fmt_text_metric('loss', e['loss'])}" if e.get("loss") is not None else ""
+            out.append(head + f"BLEU-4 {fmt_text_metric('bleu', e['bleu'])}, "
+                              f"ROUGE-L {fmt_text_metric('rouge_l', e['rouge_l'])}{loss}")
+    return ", ".join(out) or "–"
+
+
+def best_note(run: LoraRun) -> str:
+    """What best.json says about the adapter kept in best/, and where its evaluation is."""
+    b = run.best
+    what = f"{run.name}: best/ is the step-{b['step']} adapter, by {b['metric']} ({b['mode']}) = {fmt(b['value'])} " \
+           f"on the periodic evaluation"
+    final_step = run.history[-1]["step"] if run.history else None
+    if any(e["label"] == "best" for e in run.results):
+        return what + "; its held-out results are the `best` rows (results.json)."
+    if b["step"] == final_step:
+        return what + "; it is the final adapter (the `final` rows)."
+    return what + "."
+
+
 def training_section(runs: Runs, out: Path) -> list[str]:
     lines = ["## Training curves", ""]
     if runs.lora:
-        panels = [plots.Panel("training loss", "loss (per loss unit)", logy=True),
-                  plots.Panel("learning rate", "lr"),
-                  plots.Panel("in-training eval accuracy (held-out split slice)", "accuracy (fraction correct)")]
-        for run in runs.lora:
-            for panel, key in zip(panels, ("loss", "lr", "eval_acc")):
-                x, y = _series(run, key)
-                if x:
-                    panel.lines[run.name] = (x, y)
-        png = plots.curves(panels, "LoRA fine-tuning", out / "curves_lora.png")
+        png = plots.curves(lora_panels(runs.lora), "LoRA fine-tuning", out / "curves_lora.png")
         lines += ["### LoRA", "", image(png, "LoRA training curves"), "",
-                  "| run | dataset | steps | final loss | last eval_acc | training s (loop) | checkpoints | "
-                  "final acc (results.json) |", "|---|---|---|---|---|---|---|---|"]
+                  "| run | dataset | steps | final loss | last in-training eval | training s (loop) | checkpoints | "
+                  "best (best.json) | final (results.json) |", "|---|---|---|---|---|---|---|---|---|"]
         for run in runs.lora:
             last = run.history[-1] if run.history else {}
-            evals = _series(run, "eval_acc")[1]
-            final = [e for e in run.results if e["label"] == "final"]
-            acc = ", ".join(f"{e['dataset']} {e['split']} n={e['n']}: {fmt(e['acc'])}" for e in final) or "–"
+            best = f"step {run.best['step']}: {run.best['metric']} {fmt(run.best['value'])}" if run.best else "–"
             lines.append(f"| {run.name} | {run.dataset} | {last.get('step', 0)} | {fmt(last.get('loss'))} | "
-                         f"{fmt(evals[-1] if evals else None)} | {fmt(run.elapsed()[-1] if run.history else None, '.1f')} | "
-                         f"{len(run.checkpoints)} | {acc} |")
-        lines.append("")
+                         f"{last_eval(run)} | {fmt(run.elapsed()[-1] if run.history else None, '.1f')} | "
+                         f"{len(run.checkpoints)} | {best} | {final_eval(run)} |")
+        notes = [best_note(run) for run in runs.lora if run.best]
+        lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
     if runs.generator:
         panels = [plots.Panel("training loss", "weighted token MSE", logy=True), plots.Panel("learning rate", "lr"),
                   plots.Panel("reconstruction error vs the final checkpoint", "relative token error", logy=True)]
@@ -278,8 +397,8 @@ def timing_rows(runs: Runs) -> list[dict]:
     for g in runs.generate:
         dataset = g.summary.get("prompts", {}).get("dataset")
         paths = g.adapter_paths
-        accs = [e["acc"] for r in runs.evaluate for e in r.results
-                if e["adapter_path"] and str(Path(e["adapter_path"])) in paths and e["dataset"] == dataset]
+        accs = [e["acc"] for r in runs.evaluate for e in r.results if not is_text(e)
+                and e["adapter_path"] and str(Path(e["adapter_path"])) in paths and e["dataset"] == dataset]
         gen_dir = Path(str(g.summary.get("checkpoint", ""))).resolve()
         generator = next((r for r in runs.generator if r.path == gen_dir), None)
         lora = next((r for r in runs.lora if r.dataset == dataset), None)

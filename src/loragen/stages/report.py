@@ -3,8 +3,12 @@
     loragen stage=report report.runs=[<pipeline dir>]
     loragen stage=report report.runs=[<lora run>,<generator run>,<generate run>,<evaluate run>]
 
+Runs of either kind mix in one report: multiple-choice results (acc) and prompt->text results (BLEU-4,
+ROUGE-L, exact match, ... of eval.method=generate or a lora run on instruction data).
+
 Recipe: find out what each dir is from its files (report.runs), then one section each: the runs and
-their wall times, accuracy per evaluated dataset, training curves, adapter similarity, timing.
+their wall times, accuracy per evaluated dataset, generation metrics per prompt->text dataset, training
+curves (with validation loss, logged text metrics and the best checkpoint), adapter similarity, timing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def run(cfg: DictConfig) -> dict:
     lines = ["# loragen report", "", "Runs: " + ", ".join(f"`{p}`" for p in r.runs), ""]
     lines += sections.steps_section(runs)
     lines += sections.accuracy_section(runs, out, int(cfg.seed))
+    lines += sections.generation_section(runs, out)
     lines += sections.training_section(runs, out)
     lines += sections.similarity_section(runs, out, int(r.max_checkpoints))
     lines += sections.timing_section(runs, out)
