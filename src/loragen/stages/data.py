@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from loragen import io, runtime
-from loragen.data import dataset_specs, load_split
+from loragen.data import dataset_specs, load_split, subtasks
 from loragen.data.convert import alpaca_rows
 from loragen.data.records import TextRecord
 from loragen.data.registry import splits_of
@@ -47,9 +47,13 @@ def run(cfg: DictConfig) -> dict:
             if split == spec.eval_split:
                 for rec in loaded.records[: cfg.show.examples]:
                     examples.append(format_example(spec.name, split, rec))
+    split_into = subtasks.sizes(cfg)  # datasets with dataset.subtasks.by set: their sub-tasks' sizes
+    lines += subtasks.sizes_markdown(split_into)
     text = "\n".join(lines) + "\n\n# Examples\n\n" + "\n\n".join(examples) + "\n"
     if runtime.is_main():
         io.write_json(out / "data_summary.json", summary)
+        if split_into:
+            io.write_json(out / "subtasks.json", split_into)
         io.write_text(out / "data_summary.md", text)
         print(text)
     return summary

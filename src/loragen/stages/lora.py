@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from loragen import runtime
-from loragen.data import dataset_specs, load_split
+from loragen.data import dataset_specs, load_split, subtasks
 from loragen.data.records import TextRecord
 from loragen.data.registry import LoadedSplit, heldout_split
 from loragen.errors import ConfigError
@@ -48,7 +48,8 @@ def run(cfg: DictConfig) -> dict:
 
     # setup
     accelerator = make_accelerator(cfg)
-    train_split = load_split(spec, str(spec.train_split), limit=cfg.lora.train_limit, **data_kw)
+    train_split = subtasks.restrict(spec, load_split(spec, str(spec.train_split), **data_kw), cfg.paths,
+                                    limit=cfg.lora.train_limit)  # dataset.subtasks.select: one sub-task
     record_type = record_type_of(train_split.records)
     generation = GenerationSettings.from_cfg(cfg.lora.generation, seed=cfg.seed)
     held_name = heldout_split(spec)
@@ -218,5 +219,6 @@ def fingerprint(cfg: DictConfig, spec: DictConfig) -> dict:
     for k in ("eval_limit", "final_eval_limit", "eval_base", "eval_generate"):
         lora.pop(k)
     lora["generation"] = {k: lora["generation"][k] for k in ("chat_template", "system")}  # the rest is decoding only
-    return {"model": cfg.model.name, "dataset": spec.name, "train_split": str(spec.train_split), "lora": lora,
+    task = subtasks.task_name(spec.name, subtasks.selected(spec))  # <dataset>@<group> when one sub-task
+    return {"model": cfg.model.name, "dataset": task, "train_split": str(spec.train_split), "lora": lora,
             "precision": cfg.hardware.precision}
