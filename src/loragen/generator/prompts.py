@@ -6,25 +6,35 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from loragen.data import dataset_specs, load_split
+from loragen.data import dataset_specs, load_split, subtasks
 from loragen.errors import ConfigError, DataError
 
 
 def dataset_spec(cfg: DictConfig, name: str, known: dict | None = None) -> DictConfig:
-    """The config of dataset `name` among the members of `cfg.dataset`, else among `known` (name -> spec)."""
+    """The config of dataset `name` (or of the dataset of sub-task `<dataset>@<group>`) among the members of
+    `cfg.dataset`, else among `known` (task name -> spec)."""
+    base, _ = subtasks.split_task(name)
     specs = {s.name: s for s in dataset_specs(cfg.dataset)}
-    if name not in specs and known and name in known:
+    if base not in specs and known and name in known:
         return OmegaConf.create(known[name])
-    if name not in specs:
-        raise ConfigError(f"dataset {name!r} is not in dataset={cfg.dataset.name} (it holds {sorted(specs)}); "
-                          f"choose a dataset config that contains it, e.g. dataset={name} or dataset=commonsense")
-    return specs[name]
+    if base not in specs:
+        raise ConfigError(f"dataset {base!r} is not in dataset={cfg.dataset.name} (it holds {sorted(specs)}); "
+                          f"choose a dataset config that contains it, e.g. dataset={base} or dataset=commonsense")
+    return specs[base]
 
 
 def dataset_prompts(cfg: DictConfig, name: str, split: str, known: dict | None = None) -> list[str]:
-    """The unlabeled questions (MCRecord.prompt) of `split` of dataset `name`."""
-    loaded = load_split(dataset_spec(cfg, name, known), split, data_dir=cfg.paths.data_dir, seed=cfg.seed,
+    """The unlabeled questions (MCRecord.prompt) of `split` of dataset `name`; of a sub-task `<dataset>@<group>`,
+    those of its group (groups are cut from the dataset's train split: `split` must be that one)."""
+    spec = dataset_spec(cfg, name, known)
+    loaded = load_split(spec, split, data_dir=cfg.paths.data_dir, seed=cfg.seed,
                         skip_invalid=cfg.data.skip_invalid, hash_train_fraction=cfg.data.hash_train_fraction)
+    _, group = subtasks.split_task(name)
+    if group is not None:
+        if split != str(spec.train_split):
+            raise ConfigError(f"sub-task {name}: its prompts come from the train split {spec.train_split!r} its "
+                              f"groups were cut from, not {split!r}")
+        loaded = subtasks.select(spec, loaded, group, cfg.paths)
     return [r.prompt for r in loaded.records]
 
 

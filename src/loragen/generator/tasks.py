@@ -1,4 +1,5 @@
-"""One task per dataset: its token set (the LoRA checkpoints as tokens) and its cached prompt states.
+"""One task per dataset or sub-task (`<dataset>@<group>`, loragen.data.subtasks): its token set (the LoRA
+checkpoints as tokens) and its cached prompt states.
 
 Training pairs a random checkpoint of task d with a fresh random batch of N prompts of d.
 """
@@ -119,8 +120,9 @@ def prompt_batches(n: int, num_prompts: int, count: int, seed: int, strict: bool
 
 def token_dir_of(tokens_cfg, name: str) -> Path:
     if name not in tokens_cfg or not tokens_cfg[name]:
-        raise ConfigError(f"generator.tokens.{name} is not set: give the tokenize run dir of dataset {name} "
-                          f"(+generator.tokens.{name}=<dir with tokens.safetensors and layout.json>)")
+        hint = f"++generator.tokens={{{name}:<dir>,...}}" if "@" in name else f"+generator.tokens.{name}=<dir>"
+        raise ConfigError(f"generator.tokens.{name} is not set: give the tokenize run dir of task {name} "
+                          f"({hint}, a dir with tokens.safetensors and layout.json)")
     path = Path(str(tokens_cfg[name]))
     if not (path / "tokens.safetensors").is_file():
         raise ConfigError(f"generator.tokens.{name}={path}: no tokens.safetensors there (a tokenize run dir?)")

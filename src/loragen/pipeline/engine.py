@@ -37,9 +37,11 @@ class Step:
 
 
 def quote(value: Any) -> str:
-    """A value as a Hydra override string (paths with odd characters, lists, null)."""
+    """A value as a Hydra override string (paths with odd characters, lists, dicts, null)."""
     if value is None:
         return "null"
+    if isinstance(value, dict):  # keys as they are: Hydra dict keys (letters, digits, _ - @ . / ...)
+        return "{" + ",".join(f"{k}:{quote(v)}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(quote(v) for v in value) + "]"
     if isinstance(value, bool):

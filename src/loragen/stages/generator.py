@@ -4,7 +4,8 @@
         generator.tokens.arc_easy=<tokenize run> generator.tokens.arc_challenge=<tokenize run> ...
 
 Each training sample pairs a random checkpoint of dataset d with a fresh random batch of N cached
-prompts of d (its train split's unlabeled questions). With `generator.heldout=<d>`, d is left out of
+prompts of d (its train split's unlabeled questions; a sub-task `<dataset>@<group>` in generator.datasets:
+those of its group, see loragen.data.subtasks). With `generator.heldout=<d>`, d is left out of
 training; every `train.eval_every` steps the generator rebuilds d's LoRA from its eval-split prompts
 and the errors are logged, and at the end it is compared with the baselines (see generator.baselines):
 the held-out dataset's own LoRA (oracle), the weight average of the training LoRAs, the training LoRA

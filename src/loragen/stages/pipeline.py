@@ -1,7 +1,8 @@
 """stage=pipeline: run an experiment recipe's steps through the existing stages, then write its table.
 
 Each step runs in `<run dir>/<step name>/`; running again with the same `hydra.run.dir`
-skips finished steps and resumes an interrupted one (see pipeline.engine).
+skips finished steps and resumes an interrupted one (see pipeline.engine). `pipeline.dry_run=true`
+prints the steps and runs none.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ def run(cfg: DictConfig) -> dict:
     if execute is None:
         raise ConfigError(f"pipeline.executor={cfg.pipeline.executor!r}; expected one of {sorted(EXECUTORS)}")
     root = runtime.run_dir()
+    steps = recipe.steps(cfg, root)
+    if cfg.pipeline.dry_run:
+        print(describe(steps))
+        return {"steps": {s.name: {"overrides": s.overrides, "deps": s.deps} for s in steps}}
 
-    status = engine.run_steps(recipe.steps(cfg, root), root, engine.shared_overrides(cfg), execute)
+    status = engine.run_steps(steps, root, engine.shared_overrides(cfg), execute)
 
     rows = recipe.table(cfg, root)
     if runtime.is_main():
@@ -46,3 +51,12 @@ def run(cfg: DictConfig) -> dict:
         print(text)
         log.info("pipeline table in %s", root / "table.md")
     return {"rows": rows, "steps": status}
+
+
+def describe(steps: list[engine.Step]) -> str:
+    """The step list of a dry run: one line per step with what it waits for, then its overrides."""
+    lines = [f"{len(steps)} steps (pipeline.dry_run=true: none run)"]
+    for s in steps:
+        lines.append(f"{s.name}  <- {', '.join(s.deps) if s.deps else '(no dependencies)'}")
+        lines.append(f"    {' '.join(s.overrides)}")
+    return "\n".join(lines)
