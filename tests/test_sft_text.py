@@ -150,3 +150,14 @@ def test_objective_follows_the_record_type(paths):
     b = make_objective("causal", tok, max_length=64, temperature=1.0).collate([mc])  # default: multiple choice
     assert [t for t in b["labels"][0].tolist() if t != IGNORE] == tok("Question: 1+1?\nAnswer: 2")["input_ids"][
         len(tok("Question: 1+1?\nAnswer:")["input_ids"]):]
+
+
+def test_chat_template_bos_is_not_doubled(paths):
+    """A template that writes BOS itself, on a tokenizer that adds BOS (Llama-3, Gemma): one BOS, not two."""
+    tok = load_model(OmegaConf.load(CONF / "model" / "tiny_llama.yaml"), paths).tokenizer
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # this tokenizer adds BOS
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}<u>{{ m['content'] }}{% endfor %}<a>"
+    text = render_prompt(tok, "hi", kind="causal")
+    assert text == "<u>hi<a>"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.bos_token_id not in ids[1:]

@@ -31,6 +31,17 @@ def render_prompt(tokenizer, prompt: str, *, kind: str, chat_template: bool | st
         if not has_chat_template(tokenizer):
             raise ConfigError("chat_template=true but the model's tokenizer has no chat template (use auto or false)")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return _without_duplicate_bos(tokenizer, text)
     text = PLAIN_TEMPLATE.format(prompt=prompt)
     return text if system is None else f"{system}\n\n{text}"
+
+
+def _without_duplicate_bos(tokenizer, text: str) -> str:
+    """Drop a leading BOS written by the chat template when tokenizing adds one anyway (Llama-3, Gemma):
+    otherwise every prompt would start with two BOS tokens, in training and in generation alike."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or not text.startswith(bos):
+        return text
+    ids = tokenizer("x")["input_ids"]
+    return text[len(bos):] if ids and ids[0] == tokenizer.bos_token_id else text
