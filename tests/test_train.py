@@ -146,11 +146,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(paths, tmp
         seen.append(1)
         return (s * float("nan") if len(seen) == 3 else s), n
 
-    ckpt = Checkpointer(tmp_path / "checkpoints", lambda p: p.mkdir(parents=True), every=1)
+    # a deferred write (run by the background writer): the message waits for it
+    ckpt = Checkpointer(tmp_path / "checkpoints", lambda p: lambda: p.mkdir(parents=True), every=1)
     with pytest.raises(TrainingDiverged, match=r"diverged at step 3: loss nan.*Last good checkpoint: .*step-000002"):
         fit(model, loss, records(), obj.collate, train_cfg(max_steps=5), accelerator=Accelerator(cpu=True),
             state_dir=tmp_path / "state", checkpointer=ckpt)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["manifest.json", "step-000001", "step-000002"]
+    listing = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert listing == ["manifest.json", "manifest.jsonl", "step-000001", "step-000002"]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):

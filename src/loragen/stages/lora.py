@@ -29,6 +29,7 @@ from loragen.evaluation import GenerationSettings, TextEvalOutcome, evaluate_rec
 from loragen.evaluation.results import result_entry, sample_rows, write_results
 from loragen.lora.adapter_io import write_adapter
 from loragen.lora.init import attach_lora
+from loragen.lora.snapshot import AdapterSnapshot
 from loragen.models import load_model
 from loragen.provenance import provenance
 from loragen.tracking import make_tracker
@@ -61,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     objective = make_objective(lm.kind, lm.tokenizer, max_length=int(cfg.lora.max_length),
                                temperature=float(cfg.lora.temperature), record_type=record_type,
                                chat_template=generation.chat_template, system=generation.system)
-    checkpointer = Checkpointer(out / "checkpoints", lambda path: save_adapter(model, path), every=int(cfg.ckpt.every),
+    checkpointer = Checkpointer(out / "checkpoints", AdapterSnapshot(model).deferred_write, every=int(cfg.ckpt.every),
                                 start_step=int(cfg.ckpt.start_step), keep_last=cfg.ckpt.keep_last,
                                 is_main=accelerator.is_main_process)
     best = None

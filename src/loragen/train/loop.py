@@ -14,7 +14,8 @@
   `train.save_state_every` steps, at the end, and at the next step boundary after SIGUSR2/SIGTERM;
   `train.resume=auto` continues from it, refusing one written by a different `fingerprint`.
 - `eval_fn(model) -> dict of metrics` runs every `train.eval_every` steps on every process (the model
-  is unwrapped and in eval mode); `checkpointer` (train.checkpoints.Checkpointer) saves trajectories;
+  is unwrapped and in eval mode); `checkpointer` (train.checkpoints.Checkpointer) saves trajectories
+  (deferred writes in its background writer, flushed before each full-state save and at the end);
   `best` (train.checkpoints.BestCheckpoint) gets every evaluation's metrics and keeps the best adapter;
   `on_step(step)` runs after every optimizer step.
 - Tracker metrics: train/{loss, lr, grad_norm, units_per_s, samples_per_s, tokens_per_s, memory_mb}, eval/*.
@@ -107,6 +108,8 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
         best.resume_at(start)
 
     def save_full_state(step: int) -> None:
+        if checkpointer is not None:  # a resumed run must find every checkpoint up to its state step
+            checkpointer.flush()
         rng = _gather_objects(acc, torch.get_rng_state())
         if acc.is_main_process:
             st.save_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler, rng_states=rng,
@@ -122,7 +125,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
 
     ddp_model.train()
     t_last, units_since, samples_since, tokens_since = time.perf_counter(), 0.0, 0.0, 0.0
-    with PreemptionFlag() as preempt:
+    with checkpointer or contextlib.nullcontext(), PreemptionFlag() as preempt:  # checkpoint writes finish on exit
         for step in runtime.progress(range(start, max_steps), total=max_steps - start, desc="train"):
             totals = _one_step(ddp_model, loss_fn, collate, items, batches, step, acc, params, preempt.requested)
             loss_sum, units, samples, tokens, stop_flag = totals.tolist()
@@ -132,6 +135,8 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
             loss = loss_sum / units
             grad_norm = _finish_grads(params, acc, scale=acc.num_processes / units, max_norm=float(tc.max_grad_norm))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                if checkpointer is not None:
+                    checkpointer.flush()
                 last = checkpointer.last if checkpointer is not None else None
                 raise TrainingDiverged(
                     f"training diverged at step {done}: loss {loss}, grad norm {grad_norm}; stopped before the update. "
