@@ -10,12 +10,18 @@ from __future__ import annotations
 from typing import Sequence
 
 
-def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(context ids, continuation ids) per request; batched tokenizer calls, each distinct context once."""
+def move_trailing_space(requests: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """lm-eval's rule: a context's trailing whitespace moves onto the start of its continuation."""
     moved = []
     for ctx, cont in requests:
         n = len(ctx) - len(ctx.rstrip())
         moved.append((ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont))
+    return moved
+
+
+def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per request; batched tokenizer calls, each distinct context once."""
+    moved = move_trailing_space(requests)
     contexts = list(dict.fromkeys(c for c, _ in moved))
     ctx_ids = dict(zip(contexts, tokenizer(contexts)["input_ids"]))
     wholes = tokenizer([c + x for c, x in moved])["input_ids"]
@@ -26,10 +32,7 @@ def encode_seq2seq_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> l
     """(encoder ids, decoder ids) per request, as lm-evaluation-harness for seq2seq models: trailing spaces of
     the context move onto the continuation; the context keeps the tokenizer's special tokens (T5: EOS
     appended), the continuation is encoded alone without them."""
-    moved = []
-    for ctx, cont in requests:
-        n = len(ctx) - len(ctx.rstrip())
-        moved.append((ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont))
+    moved = move_trailing_space(requests)
     contexts = list(dict.fromkeys(c for c, _ in moved))
     ctx_ids = dict(zip(contexts, tokenizer(contexts)["input_ids"]))
     conts = tokenizer([x for _, x in moved], add_special_tokens=False)["input_ids"]
