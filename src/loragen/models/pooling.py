@@ -17,7 +17,17 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 def embed(model: torch.nn.Module, tokenizer, texts: list[str], max_length: int = 256) -> torch.Tensor:
     """[len(texts), C] unit-norm sentence embeddings (differentiable; wrap in no_grad to score)."""
+    return embed_encoded(model, encode_texts(tokenizer, texts, max_length))
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int = 256) -> dict[str, torch.Tensor]:
+    """The model inputs `embed` feeds for `texts` (padded, truncated to max_length): tokenize ahead, e.g. in a collate."""
+    return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+
+def embed_encoded(model: torch.nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`embed` of texts already tokenized by encode_texts."""
     device = next(model.parameters()).device
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+    enc = {k: v.to(device) for k, v in enc.items()}
     hidden = model(**enc).last_hidden_state
     return torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]).float(), dim=-1)

@@ -7,9 +7,12 @@
   normalises by the global number of units of the optimizer step (all micro-batches of all
   processes), so N processes and one process with the same global batch take the same step.
 - `items` is any sequence (e.g. MCRecords); `collate(list of items) -> batch` builds a micro-batch.
+  The next micro-batch is built on a prefetch thread during the current one's forward/backward
+  (loragen.train.prefetch): `items[i]` and `collate` must not use the global RNG.
   Which items form each step is a pure function of (train.seed, step) (see batches.StepBatches).
-- AdamW over the parameters with requires_grad, warmup + cosine/linear schedule, gradient
-  accumulation, clipping, mixed precision (the accelerator's), NaN/inf detection before the update.
+- AdamW (the fused kernel on CPU/CUDA) over the parameters with requires_grad, warmup + cosine/linear
+  schedule, gradient accumulation, clipping, mixed precision (the accelerator's), NaN/inf detection
+  before the update.
 - A full state (trainable params, optimizer, scheduler, RNG, step) is saved atomically every
   `train.save_state_every` steps, at the end, and at the next step boundary after SIGUSR2/SIGTERM;
   `train.resume=auto` continues from it, refusing one written by a different `fingerprint`.
@@ -42,6 +45,7 @@ from loragen.train import state as st
 from loragen.train.batches import StepBatches
 from loragen.train.checkpoints import BestCheckpoint, Checkpointer
 from loragen.train.preemption import PreemptionFlag
+from loragen.train.prefetch import BatchPrefetcher
 from loragen.train.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -85,8 +89,9 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters")
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None  # as Trainer's
     optimizer = torch.optim.AdamW(params, lr=float(tc.lr), weight_decay=float(tc.weight_decay),
-                                  betas=tuple(tc.betas), eps=float(tc.eps))
+                                  betas=tuple(tc.betas), eps=float(tc.eps), fused=fused)
     scheduler = make_scheduler(optimizer, warmup_steps=int(tc.warmup_steps), max_steps=int(tc.max_steps),
                                schedule=str(tc.schedule), min_lr_ratio=float(tc.min_lr_ratio))
 
@@ -125,9 +130,10 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
 
     ddp_model.train()
     t_last, units_since, samples_since, tokens_since = time.perf_counter(), 0.0, 0.0, 0.0
-    with checkpointer or contextlib.nullcontext(), PreemptionFlag() as preempt:  # checkpoint writes finish on exit
+    prefetch = BatchPrefetcher(items, collate, batches, rank=acc.process_index, max_steps=max_steps)
+    with checkpointer or contextlib.nullcontext(), PreemptionFlag() as preempt, prefetch:  # all finish on exit
         for step in runtime.progress(range(start, max_steps), total=max_steps - start, desc="train"):
-            totals = _one_step(ddp_model, loss_fn, collate, items, batches, step, acc, params, preempt.requested)
+            totals = _one_step(ddp_model, loss_fn, prefetch, batches, step, acc, preempt.requested)
             loss_sum, units, samples, tokens, stop_flag = totals.tolist()
             done = step + 1
             if units <= 0:
@@ -181,11 +187,12 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
     return FitResult(max_steps, status, history, resumed_from)
 
 
-def _one_step(model, loss_fn, collate, items, batches: StepBatches, step: int, acc, params, flagged: bool) -> torch.Tensor:
+def _one_step(model, loss_fn, prefetch: BatchPrefetcher, batches: StepBatches, step: int, acc,
+              flagged: bool) -> torch.Tensor:
     """Forward/backward every micro-batch of this process; return the global [loss sum, units, samples, tokens, stop]."""
     local = torch.zeros(5, dtype=torch.float64)
     for micro in range(batches.grad_accum):
-        batch = collate([items[i] for i in batches.micro_batch(step, micro, acc.process_index)])
+        batch = prefetch.get(step, micro)  # and the next one starts building
         sync = contextlib.nullcontext() if micro == batches.grad_accum - 1 else acc.no_sync(model)
         with sync:
             with acc.autocast():
@@ -195,6 +202,7 @@ def _one_step(model, loss_fn, collate, items, batches: StepBatches, step: int, a
         local[1] += float(units)
         local[2] += batches.per_device_batch
         local[3] += float(batch.get("num_tokens", 0)) if isinstance(batch, dict) else 0.0
+    prefetch.settle()  # nothing builds batches during the rest of the step
     local[4] = float(flagged)
     if acc.num_processes > 1:
         local = acc.reduce(local.to(acc.device), reduction="sum").cpu()
