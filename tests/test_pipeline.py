@@ -8,7 +8,7 @@ from hydra import initialize_config_dir
 from loragen import io
 from loragen.errors import ConfigError
 from loragen.pipeline.engine import Step, quote, run_steps
-from tests.conftest import CONF, run_cli
+from tests.conftest import CONF, TINY_DND_GENERATOR, TINY_DND_GENERATOR_TRAIN, TINY_DND_LORA, run_cli
 
 
 class Recorder:
@@ -114,11 +114,7 @@ def test_paw_tiny_end_to_end(tmp_path):
 def test_dnd_recipe_end_to_end(tmp_path):
     """lora x3 -> tokenize -> generator (one held out) -> generate -> evaluate -> table, tiny settings."""
     run = tmp_path / "dnd"
-    gen = '["generator.num_prompts=4","generator.prompt_len=16","generator.prompt_pool=16",' \
-          '"generator.features=[[4,16,384],[8,8,64],[144,10,66]]"]'
-    gen_train = '["train.max_steps=4","train.eval_every=2","train.per_device_batch=2","generator.eval_adapters=1"]'
-    lora = '["train.max_steps=4","ckpt.every=2","train.per_device_batch=4","lora.train_limit=16","lora.eval_limit=8",' \
-           '"lora.final_eval_limit=8","lora.eval_base=false"]'
+    gen, gen_train, lora = TINY_DND_GENERATOR, TINY_DND_GENERATOR_TRAIN, TINY_DND_LORA
     args = ["experiment=dnd_minilm", f"hydra.run.dir={run}", "pipeline.dnd.datasets=[arc_easy,arc_challenge,piqa]",
             "pipeline.dnd.heldout=[piqa]", "pipeline.dnd.num_generated=2", f"pipeline.dnd.lora_overrides={lora}",
             f"pipeline.dnd.generator_overrides={gen}", f"pipeline.dnd.generator_train_overrides={gen_train}",

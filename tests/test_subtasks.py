@@ -14,7 +14,16 @@ from loragen.data import load_split
 from loragen.data import subtasks as st
 from loragen.errors import ConfigError
 from loragen.pipeline import dnd, engine
-from tests.conftest import CONF, DATA_DIR, compose, run_cli, run_stage_in_process
+from tests.conftest import (
+    CONF,
+    DATA_DIR,
+    TINY_DND_GENERATOR,
+    TINY_DND_GENERATOR_TRAIN,
+    TINY_DND_LORA,
+    compose,
+    run_cli,
+    run_stage_in_process,
+)
 
 ARC_E_MIN50 = {"Mercury": 1419, "NYSEDREGENTS": 210, "MCAS": 187, "TIMSS": 59, "other": 376}  # of 2251
 
@@ -230,11 +239,7 @@ def test_dry_run_lists_steps(tmp_path):
 def test_dnd_recipe_with_subtasks_end_to_end(tmp_path):
     """Tiny settings: ARC-Easy in two exam groups, ARC-Challenge whole, PIQA held out."""
     run = tmp_path / "dnd"
-    gen = '["generator.num_prompts=4","generator.prompt_len=16","generator.prompt_pool=16",' \
-          '"generator.features=[[4,16,384],[8,8,64],[144,10,66]]"]'
-    gen_train = '["train.max_steps=4","train.eval_every=2","train.per_device_batch=2","generator.eval_adapters=1"]'
-    lora = '["train.max_steps=4","ckpt.every=2","train.per_device_batch=4","lora.train_limit=16","lora.eval_limit=8",' \
-           '"lora.final_eval_limit=8","lora.eval_base=false"]'
+    gen, gen_train, lora = TINY_DND_GENERATOR, TINY_DND_GENERATOR_TRAIN, TINY_DND_LORA
     run_cli(["experiment=dnd_minilm_subtasks", f"hydra.run.dir={run}", "pipeline.dnd.datasets=[arc_easy,arc_challenge,piqa]",
              "pipeline.dnd.heldout=[piqa]", "dataset.members.arc_easy.subtasks.min_size=300",
              "dataset.members.arc_challenge.subtasks.by=null", "pipeline.dnd.num_generated=2",
