@@ -106,6 +106,18 @@ def test_lora_train_split_is_the_selected_subtask(paths):
         st.restrict(off.dataset, loaded, paths)
 
 
+def test_subtasks_of_a_converted_instruction_dataset_are_refused(paths):
+    plain = compose(["dataset=arc_easy_instruct"])
+    loaded = load_split(plain.dataset, "train", data_dir=DATA_DIR)
+    assert not st.enabled(plain.dataset) and len(st.restrict(plain.dataset, loaded, paths).records) == 2251
+    for override in ("dataset.mc.subtasks.by=field", "dataset.mc.subtasks.select=MCAS"):
+        cfg = compose(["dataset=arc_easy_instruct", override])
+        with pytest.raises(ConfigError, match=r"arc_easy_instruct: mc.subtasks.*dataset=arc_easy dataset.subtasks.by"):
+            st.restrict(cfg.dataset, loaded, paths)
+        with pytest.raises(ConfigError, match="not applied to converted instruction rows"):
+            st.enabled(cfg.dataset)
+
+
 def test_generator_prompts_of_a_subtask():
     from loragen.generator.prompts import dataset_prompts
 

@@ -54,11 +54,25 @@ def split_task(name: str) -> tuple[str, str | None]:
 
 def enabled(spec: DictConfig) -> bool:
     """Whether the dataset is cut into sub-tasks (datasets without a `subtasks` block, e.g. instruction data, never)."""
+    refuse_on_converted(spec)
     return "subtasks" in spec and spec.subtasks.by is not None
+
+
+def refuse_on_converted(spec: DictConfig) -> None:
+    """A converted instruction dataset (`<name>_instruct`) inherits its source's block as `mc.subtasks`, which
+    its rows never go through: setting it is an error rather than a silent no-op."""
+    mc = spec.get("mc")
+    if mc is None or "subtasks" not in mc:
+        return
+    if mc.subtasks.by is not None or mc.subtasks.select is not None:
+        raise ConfigError(f"dataset {spec.name}: mc.subtasks.by={mc.subtasks.by} select={mc.subtasks.select}, but "
+                          f"sub-tasks are not applied to converted instruction rows; split the multiple-choice "
+                          f"dataset instead (dataset={mc.name} dataset.subtasks.by=field|kmeans)")
 
 
 def selected(spec: DictConfig) -> str | None:
     """The group a single-dataset run trains on (dataset.subtasks.select), checked against `by`."""
+    refuse_on_converted(spec)
     if "subtasks" not in spec:
         return None
     group = spec.subtasks.select
