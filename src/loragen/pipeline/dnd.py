@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from loragen import io
 from loragen.data import load_split, subtasks
 from loragen.data.registry import heldout_split
-from loragen.errors import ConfigError
+from loragen.errors import ConfigError, DataError
 from loragen.evaluation.metrics import paired_bootstrap
 from loragen.pipeline.engine import Step, quote
 
@@ -128,31 +129,65 @@ def _adapters(cfg: DictConfig, root: Path, h: str, trained: list[str]) -> list[s
     return finals + baselines + generated
 
 
+ROLES = ("base", "oracle", *BASELINES, "generated")
+
+
+@dataclass
+class HeldoutScores:
+    """One held-out dataset's evaluate step, by role: per-document acc keyed by document id (samples order)."""
+    split: str
+    n: int
+    acc: dict[str, float]                 # role -> acc (generated: the mean over its adapters)
+    docs: dict[str, dict[str, float]]     # role -> {doc id: acc} (generated: the per-document mean)
+    generated: list[float]                # each generated adapter's acc
+
+
+def heldout_scores(root: Path, h: str) -> HeldoutScores:
+    """The scores of evaluate/<h> of a dnd pipeline dir, by role (base, oracle, average, nearest, generated)."""
+    ev = root / "evaluate" / h
+    results = {e["adapter_path"]: e for e in io.read_json(ev / "results.json")["results"]}
+    by_label: dict[str, dict[str, float]] = {}
+    for n, line in enumerate((ev / "samples.jsonl").read_text().splitlines(), 1):
+        try:
+            s = json.loads(line)
+            by_label.setdefault(s["label"], {})[str(s["id"])] = float(s["acc"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{ev / 'samples.jsonl'} line {n}: expected a JSON object with label, id and acc "
+                            f"({type(e).__name__}: {e})") from None
+    paths = {"oracle": str(root / "lora" / h / "final"),
+             **{b: str(root / "generator" / h / "baselines" / b) for b in BASELINES}}
+    missing = [p for p in [None, *paths.values()] if p not in results]
+    if missing:
+        raise DataError(f"{ev / 'results.json'}: no entry for the adapter(s) {missing}; expected the base model, "
+                        f"the oracle and the baselines of held-out {h}")
+    if len(by_label.get("base", {})) != results[None]["n"]:
+        raise DataError(f"{ev / 'samples.jsonl'}: {len(by_label.get('base', {}))} distinct base document ids for "
+                        f"n={results[None]['n']}; expected one row per document")
+    acc = {"base": results[None]["acc"], **{role: results[p]["acc"] for role, p in paths.items()}}
+    docs = {"base": by_label["base"], **{role: by_label[results[p]["label"]] for role, p in paths.items()}}
+    gen = [p for p in results if p and "/generate/" in p]
+    gen_docs = [by_label[results[p]["label"]] for p in gen]
+    docs["generated"] = {i: statistics.mean(d[i] for d in gen_docs) for i in gen_docs[0]} if gen_docs else {}
+    generated = [results[p]["acc"] for p in gen]
+    acc["generated"] = statistics.mean(generated) if generated else float("nan")
+    return HeldoutScores(results[None]["split"], results[None]["n"], acc, docs, generated)
+
+
 def table(cfg: DictConfig, root: Path) -> list[dict]:
     """Per held-out dataset: base, oracle, average, nearest, generated (mean ± sd), differences to base with 95% CIs."""
     rows = []
     for h in _heldout(cfg):
-        ev = root / "evaluate" / h
-        results = {e["adapter_path"]: e for e in io.read_json(ev / "results.json")["results"]}
-        per_doc: dict[str, list[float]] = {}
-        for line in (ev / "samples.jsonl").read_text().splitlines():
-            s = json.loads(line)
-            per_doc.setdefault(s["label"], []).append(s["acc"])
-        label = {path: e["label"] for path, e in results.items()}
-        base = per_doc["base"]
-        roles = {"oracle": str(root / "lora" / h / "final"),
-                 **{b: str(root / "generator" / h / "baselines" / b) for b in BASELINES}}
-        row: dict = {"heldout": h, "split": results[None]["split"], "n": results[None]["n"], "base": results[None]["acc"]}
-        for role, path in roles.items():
-            row[role] = results[path]["acc"]
-            row[f"{role}_diff"] = paired_bootstrap(base, per_doc[label[path]], seed=int(cfg.seed))
-        gen_paths = [p for p in results if p and "/generate/" in p]
-        gen_accs = [results[p]["acc"] for p in gen_paths]
-        row["generated"] = statistics.mean(gen_accs)
-        row["generated_sd"] = statistics.stdev(gen_accs) if len(gen_accs) > 1 else 0.0
-        row["generated_k"] = len(gen_accs)
-        gen_docs = [statistics.mean(xs) for xs in zip(*(per_doc[label[p]] for p in gen_paths))]
-        row["generated_diff"] = paired_bootstrap(base, gen_docs, seed=int(cfg.seed))
+        sc = heldout_scores(root, h)
+        base = list(sc.docs["base"].values())
+        row: dict = {"heldout": h, "split": sc.split, "n": sc.n, "base": sc.acc["base"]}
+        for role in ("oracle", *BASELINES):
+            row[role] = sc.acc[role]
+            row[f"{role}_diff"] = paired_bootstrap(base, [sc.docs[role][i] for i in sc.docs["base"]], seed=int(cfg.seed))
+        row["generated"] = sc.acc["generated"]
+        row["generated_sd"] = statistics.stdev(sc.generated) if len(sc.generated) > 1 else 0.0
+        row["generated_k"] = len(sc.generated)
+        row["generated_diff"] = paired_bootstrap(base, [sc.docs["generated"][i] for i in sc.docs["base"]],
+                                                 seed=int(cfg.seed))
         nearest_info = io.read_json(root / "generator" / h / "baselines" / "nearest" / "baseline.json")
         row["nearest_dataset"] = nearest_info.get("nearest")
         row["train_tasks"] = len(io.read_json(root / "generator" / h / "metrics.json")["datasets"])

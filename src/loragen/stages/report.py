@@ -8,7 +8,8 @@ ROUGE-L, exact match, ... of eval.method=generate or a lora run on instruction d
 
 Recipe: find out what each dir is from its files (report.runs), then one section each: the runs and
 their wall times, accuracy per evaluated dataset, generation metrics per prompt->text dataset, training
-curves (with validation loss, logged text metrics and the best checkpoint), adapter similarity, timing.
+curves (with validation loss, logged text metrics and the best checkpoint), adapter similarity, timing, and
+(given two or more prompt-to-weights pipeline dirs) the pipelines compared held-out dataset by held-out dataset.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 
 from loragen import io, runtime
 from loragen.errors import ConfigError
-from loragen.report import sections
+from loragen.report import compare, sections
 from loragen.report.runs import collect
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def run(cfg: DictConfig) -> dict:
     lines += sections.training_section(runs, out)
     lines += sections.similarity_section(runs, out, int(r.max_checkpoints))
     lines += sections.timing_section(runs, out)
+    lines += compare.pipelines_section(list(r.runs), int(cfg.seed))
 
     report = out / "report.md"
     if runtime.is_main():
