@@ -324,3 +324,37 @@ def test_other_bad_inputs_are_named(tmp_path):
         detokenize(ts.tokens[0, :3], ts.layout)
     proc = run_cli(["stage=tokenize", f"hydra.run.dir={tmp_path / 'out'}"], check=False)
     assert proc.returncode == 2 and "tokenize.checkpoints is not set" in proc.stderr
+
+
+def test_seq2seq_t5_round_trip_loads_in_peft_with_same_logits(paths, tmp_path):
+    """tiny_t5: encoder and decoder blocks share layer numbers and the decoder has two attentions (self and
+    cross) with the same module names; every tensor must come back to its own key."""
+    modules = list(model_cfg("tiny_t5").linear_modules)
+
+    def adapter(seed):
+        pm = attach_lora(load_model(model_cfg("tiny_t5"), paths).model, r=4, alpha=8, dropout=0.0,
+                         target_modules=modules, init_seed=0)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        return pm, Adapter(pm.peft_config["default"].to_dict(), get_peft_model_state_dict(pm))
+
+    pm, ad = adapter(1)
+    ad2 = adapter(2)[1]
+    # 2 encoder blocks x (q,k,v,o,wi_0,wi_1,wo) + 2 decoder blocks x (self q,k,v,o + cross q,k,v,o + wi_0,wi_1,wo)
+    assert len(ad.tensors) == 2 * (2 * 7 + 2 * 11)
+    ids, dec = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[0, 11, 12]])
+    with torch.no_grad():
+        expected = pm(input_ids=ids, decoder_input_ids=dec).logits
+    for scheme in ("dnd", "flat"):
+        ts = tokenize_adapters([ad, ad2], modules=modules, scheme=scheme)
+        back = detokenize(ts.tokens[0], ts.layout)
+        assert_round_trip(ad, back, chunk=ts.layout.chunk or None)
+        write_adapter(tmp_path / scheme, back)
+        with torch.no_grad():
+            loaded = PeftModel.from_pretrained(load_model(model_cfg("tiny_t5"), paths).model, tmp_path / scheme).eval()
+            assert torch.allclose(loaded(input_ids=ids, decoder_input_ids=dec).logits, expected, atol=1e-5), scheme
+    base = load_model(model_cfg("tiny_t5"), paths).model
+    assert not torch.allclose(base(input_ids=ids, decoder_input_ids=dec).logits, expected, atol=1e-3)
