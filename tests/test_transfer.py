@@ -247,3 +247,12 @@ def test_stage_config_errors():
     with pytest.raises(ConfigError, match=r"transfer.source_model='nope': no .*nope.yaml; valid: \[.*'tiny_qwen2'"):
         source_model_config("nope")
     assert source_model_config("tiny_gemma2").tiny.hidden_size == 48
+
+
+def test_encoder_decoder_weights_are_refused_naming_both_modules(paths):
+    """T5's numbered sub-layers repeat across blocks and stacks: no silent overwrite of one by another."""
+    t5 = resolve_model_path(OmegaConf.load(CONF / "model" / "tiny_t5.yaml"), paths)
+    with pytest.raises(ConfigError, match=r"coder\.block\.0\.layer\.0\.SelfAttention\.(\w) and "
+                                          r"\w+coder\.block\.1\.layer\.0\.SelfAttention\.\1 are both layer 0's "
+                                          r"SelfAttention\.\1;.*not encoder-decoder models"):
+        ModelWeights.from_dir(t5)

@@ -65,7 +65,11 @@ class ModelWeights:
         for name in self.shapes:
             m = _LAYERED.match(name)
             if m:
-                self.layers[int(m["idx"])][m["suffix"]] = name
+                other = self.layers[int(m["idx"])].setdefault(m["suffix"], name)
+                if other != name:  # e.g. T5: encoder.block.0.layer.0.SelfAttention.q and decoder.block.0.layer.0...
+                    raise ConfigError(f"{self.key}: {other} and {name} are both layer {m['idx']}'s {m['suffix']}; "
+                                      f"transfer maps one stack of numbered layers (decoder-only or encoder-only "
+                                      f"models), not encoder-decoder models")
         self.layers = dict(sorted(self.layers.items()))
 
     @property
