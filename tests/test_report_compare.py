@@ -1,6 +1,7 @@
 """The report's "Pipelines compared" section: two dnd pipeline dirs, each role's acc in both and the paired
 difference over documents, checked against hand-made per-document scores."""
 
+import json
 import re
 import statistics
 from pathlib import Path
@@ -109,3 +110,18 @@ def test_report_stage_writes_the_section(tmp_path):
     text = (out / "report.md").read_text()
     assert "## Pipelines compared" in text and f"### `{b}` vs `{a}`" in text
     assert cells(text)[1] == "5 → 21"
+
+
+def test_missing_evaluate_step_or_rows_are_clear_errors(tmp_path):
+    a = fake_pipeline(tmp_path / "a", WHOLE, 5)
+    samples = a / "evaluate" / "piqa" / "samples.jsonl"
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    kept = [r for r in rows if not (r["label"] == "gen-001" and r["id"] == "piqa/validation/7")]
+    assert len(kept) == len(rows) - 1  # one document of one generated adapter dropped
+    io.write_jsonl(samples, kept)
+    with pytest.raises(DataError, match=r"samples.jsonl: the rows of 'gen-001' are not the base model's 8 documents"):
+        heldout_scores(a, "piqa")
+    (a / "evaluate" / "piqa" / "results.json").unlink()
+    with pytest.raises(DataError, match=r"evaluate/piqa/results.json is missing; expected the evaluate step of "
+                                        r"held-out piqa"):
+        heldout_scores(a, "piqa")

@@ -145,6 +145,9 @@ class HeldoutScores:
 def heldout_scores(root: Path, h: str) -> HeldoutScores:
     """The scores of evaluate/<h> of a dnd pipeline dir, by role (base, oracle, average, nearest, generated)."""
     ev = root / "evaluate" / h
+    for f in ("results.json", "samples.jsonl"):
+        if not (ev / f).is_file():
+            raise DataError(f"{ev / f} is missing; expected the evaluate step of held-out {h} in the pipeline dir {root}")
     results = {e["adapter_path"]: e for e in io.read_json(ev / "results.json")["results"]}
     by_label: dict[str, dict[str, float]] = {}
     for n, line in enumerate((ev / "samples.jsonl").read_text().splitlines(), 1):
@@ -163,10 +166,16 @@ def heldout_scores(root: Path, h: str) -> HeldoutScores:
     if len(by_label.get("base", {})) != results[None]["n"]:
         raise DataError(f"{ev / 'samples.jsonl'}: {len(by_label.get('base', {}))} distinct base document ids for "
                         f"n={results[None]['n']}; expected one row per document")
+    def docs_of(label: str) -> dict[str, float]:
+        if set(by_label.get(label, {})) != set(by_label["base"]):
+            raise DataError(f"{ev / 'samples.jsonl'}: the rows of {label!r} are not the base model's "
+                            f"{len(by_label['base'])} documents; expected one row per document for every results entry")
+        return by_label[label]
+
     acc = {"base": results[None]["acc"], **{role: results[p]["acc"] for role, p in paths.items()}}
-    docs = {"base": by_label["base"], **{role: by_label[results[p]["label"]] for role, p in paths.items()}}
+    docs = {"base": by_label["base"], **{role: docs_of(results[p]["label"]) for role, p in paths.items()}}
     gen = [p for p in results if p and "/generate/" in p]
-    gen_docs = [by_label[results[p]["label"]] for p in gen]
+    gen_docs = [docs_of(results[p]["label"]) for p in gen]
     docs["generated"] = {i: statistics.mean(d[i] for d in gen_docs) for i in gen_docs[0]} if gen_docs else {}
     generated = [results[p]["acc"] for p in gen]
     acc["generated"] = statistics.mean(generated) if generated else float("nan")
