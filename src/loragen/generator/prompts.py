@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from loragen.data import dataset_specs, load_split, subtasks
+from loragen.data import LoadedSplit, dataset_specs, load_split, subtasks
 from loragen.errors import ConfigError, DataError
 
 
@@ -23,9 +23,9 @@ def dataset_spec(cfg: DictConfig, name: str, known: dict | None = None) -> DictC
     return specs[base]
 
 
-def dataset_prompts(cfg: DictConfig, name: str, split: str, known: dict | None = None) -> list[str]:
-    """The unlabeled questions (MCRecord.prompt) of `split` of dataset `name`; of a sub-task `<dataset>@<group>`,
-    those of its group (groups are cut from the dataset's train split: `split` must be that one)."""
+def task_split(cfg: DictConfig, name: str, split: str, known: dict | None = None) -> LoadedSplit:
+    """`split` of dataset `name`; of a sub-task `<dataset>@<group>`, the records of its group (groups are cut
+    from the dataset's train split: `split` must be that one)."""
     spec = dataset_spec(cfg, name, known)
     loaded = load_split(spec, split, data_dir=cfg.paths.data_dir, seed=cfg.seed,
                         skip_invalid=cfg.data.skip_invalid, hash_train_fraction=cfg.data.hash_train_fraction)
@@ -35,11 +35,30 @@ def dataset_prompts(cfg: DictConfig, name: str, split: str, known: dict | None =
             raise ConfigError(f"sub-task {name}: its prompts come from the train split {spec.train_split!r} its "
                               f"groups were cut from, not {split!r}")
         loaded = subtasks.select(spec, loaded, group, cfg.paths)
-    return [r.prompt for r in loaded.records]
+    return loaded
+
+
+def dataset_prompts(cfg: DictConfig, name: str, split: str, known: dict | None = None) -> list[str]:
+    """The unlabeled questions (MCRecord.prompt) of `split` of dataset (or sub-task) `name`."""
+    return [r.prompt for r in task_split(cfg, name, split, known).records]
+
+
+def descriptions(cfg: DictConfig, name: str, known: dict | None = None) -> list[str]:
+    """The task descriptions of dataset `name` (a sub-task has its dataset's): its config's `description` list."""
+    spec = dataset_spec(cfg, name, known)
+    texts = [str(t).strip() for t in (spec.get("description") or []) if str(t).strip()]
+    if not texts:
+        raise ConfigError(f"dataset {spec.name} has no `description:` list in its config; "
+                          f"generator.condition=description needs a few one-sentence task descriptions there")
+    return texts
+
+
+DESCRIPTION = "description"  # generate.prompts=<dataset>:description -> the dataset's task descriptions
 
 
 def load_prompts(cfg: DictConfig, source: str, known: dict | None = None) -> tuple[list[str], dict[str, str]]:
-    """Prompts from `<dataset>:<split>` or a text file (one prompt a line), and a record of where from."""
+    """Prompts from `<dataset>:<split>`, `<dataset>:description` (its task descriptions) or a text file (one prompt a
+    line), and a record of where from."""
     path = Path(source)
     if path.is_file():
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -50,4 +69,6 @@ def load_prompts(cfg: DictConfig, source: str, known: dict | None = None) -> tup
         raise ConfigError(f"generate.prompts={source!r} is neither a file nor <dataset>:<split> "
                           f"(e.g. arc_challenge:test)")
     name, split = source.split(":", 1)
+    if split == DESCRIPTION:
+        return descriptions(cfg, name, known), {"source": source, "dataset": name, "split": DESCRIPTION}
     return dataset_prompts(cfg, name, split, known), {"source": source, "dataset": name, "split": split}

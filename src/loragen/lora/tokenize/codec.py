@@ -123,36 +123,40 @@ def normalise_flat(tokens: torch.Tensor, layout: Layout) -> None:
 
 def decode(tokens: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     """Tokens [T, h, w] of one checkpoint -> PEFT tensors with the layout's names, shapes and dtypes."""
-    if tuple(tokens.shape) != layout.shape:
-        raise CheckpointError(f"tokens of shape {list(tokens.shape)} do not fit the layout {list(layout.shape)}")
+    _check_shape(tokens, layout)
     tokens = tokens.detach().float().cpu()
-    with single_thread():
-        return _decode(tokens, layout)
+    with single_thread(), torch.no_grad():
+        return {k: v.contiguous() for k, v in decode_differentiable(tokens, layout).items()}
 
 
-def _decode(tokens: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+def decode_differentiable(tokens: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+    """`decode` in torch ops only, on the tokens' device, so gradients flow from the tensors back into the tokens
+    (the generator's task objective). `decode` is this function under no_grad: one code path, equal results."""
+    _check_shape(tokens, layout)
     out = {}
     if layout.scheme == "dnd":
         r, c = layout.rank, layout.chunk
-        mean, std = (v.float()[:, None, None] for v in border_stats(tokens, layout))
+        mean, std = (v.to(tokens.dtype)[:, None, None] for v in border_stats(tokens, layout))
         data = tokens[:, 1 : r + 1, 1 : c + 1]
         for s in layout.tensors:
             t = slice(s.first_token, s.first_token + s.num_tokens)
             if s.transposed:  # (n, r, c) -> (n, c, r) -> (L, r): lora_B in one pass
-                x = torch.empty(s.num_tokens, c, r)
-                torch.addcmul(mean[t], data[t].transpose(1, 2), std[t], out=x)
-                x = x.view(-1, r)[: s.length]
+                x = torch.addcmul(mean[t], data[t].transpose(1, 2), std[t]).reshape(-1, r)[: s.length]
             else:  # (n, r, c) -> (r, n, c) -> (r, L)
-                x = torch.empty(r, s.num_tokens, c)
-                torch.addcmul(mean[t].transpose(0, 1), data[t].transpose(0, 1), std[t].transpose(0, 1), out=x)
-                x = x.view(r, -1)[:, : s.length]
-            out[s.name] = x.to(_dtype(s.dtype)).contiguous()
+                x = torch.addcmul(mean[t].transpose(0, 1), data[t].transpose(0, 1),
+                                  std[t].transpose(0, 1)).reshape(r, -1)[:, : s.length]
+            out[s.name] = x.to(_dtype(s.dtype))
     else:
         flat = tokens.reshape(-1)
         for s in layout.tensors:
             x = flat[s.offset : s.offset + s.numel] * s.std + s.mean
-            out[s.name] = x.reshape(s.shape).to(_dtype(s.dtype)).contiguous()
+            out[s.name] = x.reshape(s.shape).to(_dtype(s.dtype))
     return out
+
+
+def _check_shape(tokens: torch.Tensor, layout: Layout) -> None:
+    if tuple(tokens.shape) != layout.shape:
+        raise CheckpointError(f"tokens of shape {list(tokens.shape)} do not fit the layout {list(layout.shape)}")
 
 
 def _dtype(name: str) -> torch.dtype:

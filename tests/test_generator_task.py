@@ -1,0 +1,142 @@
+"""The generator's task objective: differentiable detokenize + functional LoRA = stage=lora's objective."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loragen.data import dataset_specs, load_split
+from loragen.generator.task_objective import FunctionalLoRA
+from loragen.lora.adapter_io import Adapter
+from loragen.lora.init import attach_lora
+from loragen.lora.tokenize import detokenize, tokenize_adapters
+from loragen.lora.tokenize.codec import decode_differentiable
+from loragen.models import load_model
+from loragen.models.hyperconv import HyperConvDecoder
+from loragen.train.objectives import make_objective
+from tests.conftest import compose
+from tests.test_generator_generate import DATASETS, GEN, run_stage, write_token_dirs
+
+
+def _setup(model_name: str, paths, r: int = 4):
+    """A trained-looking LoRA (lora_B random, not zero) on `model_name`, its tokens, a labeled batch, objective."""
+    cfg = compose([f"model={model_name}"])
+    lm = load_model(cfg.model, paths, "fp32", "cpu")
+    peft = attach_lora(lm.model, r=r, alpha=2.0 * r, dropout=0.0, target_modules=list(cfg.model.lora_targets),
+                       init_seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    peft.eval()
+    from peft import get_peft_model_state_dict
+
+    adapter = Adapter(peft.peft_config["default"].to_dict(),
+                      {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft).items()})
+    tokens = tokenize_adapters([adapter], modules=list(cfg.model.linear_modules), scheme="dnd")
+    spec = dataset_specs(compose(["dataset=arc_easy"]).dataset)[0]
+    records = load_split(spec, "train[:8]", data_dir=paths.data_dir).records
+    objective = make_objective(lm.kind, lm.tokenizer, max_length=512, temperature=0.05)
+    return cfg, peft, tokens, objective.collate(records), objective
+
+
+@pytest.mark.parametrize("model_name", ["minilm", "tiny_qwen2"])
+def test_task_loss_of_a_loras_own_tokens_equals_stage_lora_objective(model_name, paths):
+    cfg, peft, tokens, batch, objective = _setup(model_name, paths)
+    with torch.no_grad():
+        want, want_units = objective.loss(peft, batch)  # the PEFT model with the adapter, as stage=lora computes it
+    fresh = load_model(cfg.model, paths, "fp32", "cpu")  # another copy of the base: its LoRA tensors are the init
+    flora = FunctionalLoRA(fresh, tokens.layout, objective)
+    got, units = flora.loss(tokens.tokens[0], batch)
+    assert units == want_units
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    # and the init LoRA (lora_B zero) gives the base model's loss, i.e. a different number
+    base, _ = flora.loss(flora.init_tokens(), batch)
+    with torch.no_grad(), peft.disable_adapter():
+        bare, _ = objective.loss(peft, batch)
+    assert float(base) == pytest.approx(float(bare), rel=1e-5)
+    assert abs(float(base) - float(want)) > 1e-3 * abs(float(want))
+
+
+def test_differentiable_decode_equals_detokenize_bit_for_bit(paths):
+    _, _, tokens, _, _ = _setup("minilm", paths, r=2)
+    exact = detokenize(tokens.tokens[0], tokens.layout).tensors
+    t = tokens.tokens[0].clone().requires_grad_(True)
+    diff = decode_differentiable(t, tokens.layout)
+    assert set(diff) == set(exact)
+    for k in exact:
+        assert torch.equal(diff[k].detach(), exact[k]), k
+    sum(v.sum() for v in diff.values()).backward()
+    assert t.grad is not None and float(t.grad.abs().sum()) > 0
+
+
+def test_task_gradient_reaches_every_generator_parameter_and_no_base_parameter_and_30_steps_lower_it(paths):
+    cfg, peft, tokens, batch, objective = _setup("minilm", paths, r=2)
+    flora = FunctionalLoRA(load_model(cfg.model, paths, "fp32", "cpu"), tokens.layout, objective)
+    torch.manual_seed(0)
+    shape = list(tokens.layout.shape)
+    gen = HyperConvDecoder([[2, 8, 32], [8, 8, 32], shape], 3, base=flora.init_tokens())
+    torch.nn.init.normal_(gen.layers[-1].channel_conv.weight, std=1e-3)  # zero-initialised: let every layer see a gradient
+    cond = torch.randn(1, 2, 8, 32)
+    loss, units = flora.loss(gen(cond)[0], batch)
+    (loss / units).backward()
+    for name, p in gen.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+    assert all(p.grad is None for p in flora.peft.parameters())
+    assert not any(p.requires_grad for p in flora.peft.parameters())
+
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-3)
+    first = float(loss.detach() / units)
+    for _ in range(30):
+        opt.zero_grad()
+        loss, units = flora.loss(gen(cond)[0], batch)
+        (loss / units).backward()
+        opt.step()
+    last = float(flora.loss(gen(cond)[0], batch)[0] / units)
+    assert last < first - 0.05, (first, last)
+
+
+@pytest.fixture(scope="module")
+def token_dirs(tmp_path_factory):
+    return write_token_dirs(tmp_path_factory.mktemp("tokens"))
+
+
+def _args(token_dirs, run, cache, extra=()):
+    return ["stage=generator", "dataset=commonsense6", "tracker=none", f"hydra.run.dir={run}", f"paths.cache_dir={cache}",
+            f"generator.datasets=[{','.join(DATASETS)}]", "generator.heldout=openbookqa",
+            f"+generator.tokens.openbookqa={token_dirs['openbookqa']}", *GEN, "generator.residual=true",
+            "train.max_steps=4", "train.eval_every=2", "train.per_device_batch=2", "train.log_every=1",
+            "generator.eval_adapters=2", "generator.task.batch_size=4", *extra]
+
+
+def test_stage_generator_task_objective_needs_only_one_token_set(token_dirs, tmp_path):
+    out = run_stage(_args(token_dirs, tmp_path / "run", tmp_path / "cache", ["generator.objective=task"]))
+    assert out["status"] == "completed" and out["objective"] == "task"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"] if "train_task_loss" in h] == [2, 4]
+    assert all(h["loss"] > 0 for h in metrics["history"])
+    held = metrics["heldout_eval"]["adapters"]
+    assert set(held) == {"oracle", "generated"}  # no training trajectories: no average / nearest baselines
+    assert (Path(held["generated"]["paths"][0]) / "adapter_model.safetensors").is_file()
+
+
+def test_stage_generator_mix_and_description(token_dirs, tmp_path):
+    args = _args(token_dirs, tmp_path / "run", tmp_path / "cache",
+                 ["generator.objective=mix", "generator.condition=description", "loss.task_weight=0.5"]
+                 + [f"+generator.tokens.{n}={token_dirs[n]}" for n in DATASETS if n != "openbookqa"])
+    out = run_stage(args)
+    assert out["condition"] == "description" and out["objective"] == "mix"
+    meta = json.loads((tmp_path / "run" / "generator" / "generator.json").read_text())
+    assert meta["prompt_splits"]["openbookqa"] == "description"
+    prompts = json.loads((tmp_path / "run" / "generated" / "gen-000" / "prompts.json").read_text())["prompts"]
+    descriptions = list(compose(["dataset=openbookqa"]).dataset.description)
+    assert prompts and all(p in descriptions for p in prompts)
+
+
+def test_bad_objective_is_refused_before_anything_loads(token_dirs, tmp_path):
+    from loragen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="generator.objective='sft'"):
+        run_stage(_args(token_dirs, tmp_path / "run", tmp_path / "cache", ["generator.objective=sft"]))
