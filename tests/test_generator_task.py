@@ -134,6 +134,31 @@ def test_stage_generator_mix_and_description(token_dirs, tmp_path):
     descriptions = list(compose(["dataset=openbookqa"]).dataset.description)
     assert prompts and all(p in descriptions for p in prompts)
 
+    # generation from a list of strings: no data at all; the adapter loads in PEFT and changes MiniLM's scores
+    gen_run = tmp_path / "generate"
+    run_stage(["stage=generate", "dataset=commonsense6", f"hydra.run.dir={gen_run}", f"paths.cache_dir={tmp_path / 'cache'}",
+               f"generate.checkpoint={tmp_path / 'run'}", "generate.num_adapters=1", *GEN, "generator.residual=true",
+               "generate.descriptions=['Answer grade-school science questions by picking the right option.']"])
+    info = json.loads((gen_run / "adapters" / "gen-000" / "prompts.json").read_text())
+    assert info["split"] == "description" and set(info["prompts"]) == {
+        "Answer grade-school science questions by picking the right option."}
+    _assert_changes_scores(gen_run / "adapters" / "gen-000", tmp_path)
+
+
+def _assert_changes_scores(adapter_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from loragen.evaluation import evaluate_records
+
+    cfg = compose(["model=minilm", "dataset=arc_easy"])
+    lm = load_model(cfg.model, cfg.paths, "fp32", "cpu")
+    records = load_split(dataset_specs(cfg.dataset)[0], "test[:6]", data_dir=cfg.paths.data_dir).records
+    base = evaluate_records(lm.model, lm.tokenizer, lm.kind, records, batch_size=6).samples
+    peft = PeftModel.from_pretrained(lm.model, str(adapter_dir))
+    tuned = evaluate_records(peft, lm.tokenizer, lm.kind, records, batch_size=6).samples
+    delta = max(abs(a - b) for s, t in zip(base, tuned) for a, b in zip(s["scores"], t["scores"]))
+    assert delta > 1e-4, delta
+
 
 def test_bad_objective_is_refused_before_anything_loads(token_dirs, tmp_path):
     from loragen.errors import ConfigError

@@ -5,7 +5,9 @@
 
 Each adapter comes from its own random batch of generator.num_prompts prompts (seeded by generate.seed)
 and is written as a PEFT directory `adapters/gen-XXX/` with a `prompts.json` naming the prompts that
-made it and the split they came from. The default prompts are the held-out dataset's eval split.
+made it and the split they came from. The default prompts are the held-out dataset's eval split (its task
+descriptions for a generator trained with generator.condition=description). `generate.descriptions=[...]`
+conditions on a list of task descriptions instead, so an adapter for an unseen task needs no data at all.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from omegaconf import DictConfig
 from loragen import io, runtime
 from loragen.errors import ConfigError
 from loragen.generator.checkpoint import generator_config, load_generator
-from loragen.generator.prompts import dataset_spec, load_prompts
+from loragen.generator.prompts import DESCRIPTION, dataset_spec, load_prompts
 from loragen.generator.tasks import prompt_batches
 from loragen.lora.adapter_io import write_adapter
 from loragen.lora.tokenize import detokenize
@@ -39,8 +41,20 @@ def run(cfg: DictConfig) -> dict:
     # setup: the generator, its encoder, the prompts
     gen_cfg = generator_config(cfg)
     model, layout, meta = load_generator(g.checkpoint, gen_cfg)
-    source = g.prompts or _default_source(cfg, meta)
-    prompts, origin = load_prompts(cfg, source, meta.get("dataset_specs"))
+    if g.descriptions:
+        if g.prompts:
+            raise ConfigError("generate.prompts and generate.descriptions are both set; give one")
+        source = "generate.descriptions"
+        prompts = [str(t).strip() for t in g.descriptions if str(t).strip()]
+        if not prompts:
+            raise ConfigError("generate.descriptions is empty; give a list of task descriptions")
+        origin = {"source": source, "dataset": None, "split": DESCRIPTION}
+    else:
+        source = g.prompts or _default_source(cfg, meta)
+        prompts, origin = load_prompts(cfg, source, meta.get("dataset_specs"))
+    if (origin["split"] == DESCRIPTION) != (meta.get("condition", "prompts") == "description"):
+        log.warning("the generator was trained on %s but is given %s", meta.get("condition", "prompts"),
+                    "task descriptions" if origin["split"] == DESCRIPTION else "prompts")
     t0 = time.perf_counter()
     encoder = load_text_encoder(cfg.generator.encoder, cfg.paths, gen_cfg["prompt_len"])
     load_seconds = time.perf_counter() - t0
@@ -83,4 +97,6 @@ def _default_source(cfg: DictConfig, meta: dict) -> str:
     if not heldout:
         raise ConfigError("generate.prompts is not set and the generator has no held-out dataset to default to; "
                           "give generate.prompts=<dataset>:<split> or a text file")
+    if meta.get("condition") == "description":
+        return f"{heldout}:{DESCRIPTION}"
     return f"{heldout}:{dataset_spec(cfg, heldout, meta.get('dataset_specs')).eval_split}"

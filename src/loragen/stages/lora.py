@@ -14,6 +14,7 @@ generation (BLEU-4, ROUGE-L, exact match, ...) with lora.generation's decoding s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from pathlib import Path
 
@@ -43,14 +44,23 @@ TEXT_EVAL_METRICS = ("bleu", "rouge_l", "exact_match", "embed_sim", "success_rat
 
 def run(cfg: DictConfig) -> dict:
     out = runtime.run_dir()
-    spec = single_dataset(cfg)
+    specs = training_specs(cfg)
+    spec = specs[0]
+    multitask = len(specs) > 1
+    if multitask and int(cfg.train.eval_every) > 0:
+        raise ConfigError("lora.datasets (a multi-task LoRA) has no one held-out split for periodic evaluations: "
+                          "use train.eval_every=0 (the final evaluation scores every dataset's held-out split)")
     data_kw = dict(data_dir=cfg.paths.data_dir, seed=cfg.seed, skip_invalid=cfg.data.skip_invalid,
                    hash_train_fraction=cfg.data.hash_train_fraction)
 
     # setup
     accelerator = make_accelerator(cfg)
-    train_split = subtasks.restrict(spec, load_split(spec, str(spec.train_split), **data_kw), cfg.paths,
-                                    limit=cfg.lora.train_limit)  # dataset.subtasks.select: one sub-task
+    if multitask:
+        parts = [load_split(s, str(s.train_split), limit=cfg.lora.train_limit, **data_kw) for s in specs]
+        train_split = mixture(parts, int(cfg.train.max_steps) * global_batch(cfg, accelerator), int(cfg.train.seed))
+    else:
+        train_split = subtasks.restrict(spec, load_split(spec, str(spec.train_split), **data_kw), cfg.paths,
+                                        limit=cfg.lora.train_limit)  # dataset.subtasks.select: one sub-task
     record_type = record_type_of(train_split.records)
     generation = GenerationSettings.from_cfg(cfg.lora.generation, seed=cfg.seed)
     held_name = heldout_split(spec)
@@ -78,8 +88,9 @@ def run(cfg: DictConfig) -> dict:
 
     # train
     result = fit(model, objective.loss, train_split.records, objective.collate, cfg.train, accelerator=accelerator,
-                 state_dir=out / "state", fingerprint=fingerprint(cfg, spec), tracker=tracker, eval_fn=eval_fn,
-                 checkpointer=checkpointer, data_name=f"dataset {spec.name} split {spec.train_split!r}", best=best)
+                 state_dir=out / "state", fingerprint=fingerprint(cfg, specs), tracker=tracker, eval_fn=eval_fn,
+                 checkpointer=checkpointer, data_name=f"dataset {train_split.dataset} split {spec.train_split!r}",
+                 best=best)
     if result.status == "preempted":
         tracker.finish()
         return {"status": "preempted", "step": result.step}
@@ -88,7 +99,7 @@ def run(cfg: DictConfig) -> dict:
     if accelerator.is_main_process:
         save_adapter(model, out / "final")
     accelerator.wait_for_everyone()
-    held = load_split(spec, held_name, limit=cfg.lora.final_eval_limit, **data_kw)
+    helds = [load_split(s, heldout_split(s), limit=cfg.lora.final_eval_limit, **data_kw) for s in specs]
     entries, samples = [], []
     runs = ([("base", None)] if cfg.lora.eval_base else []) + [("final", str(out / "final"))]
     if best is not None and best.record is not None:
@@ -97,20 +108,22 @@ def run(cfg: DictConfig) -> dict:
         else:
             runs.append(("best", str(best.dir)))
     for label, path in runs:
-        outcome = score(model, lm, held, cfg, accelerator, label, path, generation)
-        entry = result_entry(label, path, lm.name, lm.path, held, outcome)
-        if isinstance(outcome, TextEvalOutcome):
-            with active(model, label, path):
-                entry["loss"] = mean_loss(model, objective, held.records, batch_size=int(cfg.hardware.eval_batch_size),
-                                          accelerator=accelerator)
-        entries.append(entry)
-        samples += sample_rows(label, held.dataset, outcome)
-        log_entry(spec.name, held_name, entry)
+        for held in helds:
+            outcome = score(model, lm, held, cfg, accelerator, label, path, generation)
+            entry = result_entry(label, path, lm.name, lm.path, held, outcome)
+            if isinstance(outcome, TextEvalOutcome):
+                with active(model, label, path):
+                    entry["loss"] = mean_loss(model, objective, held.records,
+                                              batch_size=int(cfg.hardware.eval_batch_size), accelerator=accelerator)
+            entries.append(entry)
+            samples += sample_rows(label, held.dataset, outcome)
+            log_entry(held.dataset, held.split, entry)
     tracker.log({f"final/{e['label']}_{k}": e[k] for e in entries for k in ("acc", "bleu", "rouge_l", "loss") if k in e},
                 step=result.step)
     tracker.finish()
-    prov = provenance(cfg, {spec.name: train_split.sha256, f"{spec.name}:{held_name}": held.sha256},
-                      accelerator.num_processes)
+    data_sha = {**({s.dataset: s.sha256 for s in parts} if multitask else {spec.name: train_split.sha256}),
+                **{f"{h.dataset}:{h.split}": h.sha256 for h in helds}}
+    prov = provenance(cfg, data_sha, accelerator.num_processes)
     if accelerator.is_main_process:
         write_results(out, entries, samples, prov)
         log.info("final adapter in %s; results in %s", out / "final", out / "results.json")
@@ -137,8 +150,49 @@ def single_dataset(cfg: DictConfig) -> DictConfig:
     specs = dataset_specs(cfg.dataset)
     if len(specs) != 1:
         raise ConfigError(f"stage=lora trains on one dataset; dataset={cfg.dataset.name} has {len(specs)} "
-                          f"({', '.join(s.name for s in specs)}). Sweep them: loragen -m stage=lora dataset=a,b,...")
+                          f"({', '.join(s.name for s in specs)}). Sweep them: loragen -m stage=lora dataset=a,b,...; "
+                          f"or one multi-task LoRA on their union: lora.datasets=[a,b,...]")
     return specs[0]
+
+
+def training_specs(cfg: DictConfig) -> list[DictConfig]:
+    """The dataset trained on, or with lora.datasets the members of dataset=<collection> a multi-task LoRA mixes."""
+    if not cfg.lora.datasets:
+        return [single_dataset(cfg)]
+    specs = {s.name: s for s in dataset_specs(cfg.dataset)}
+    names = list(cfg.lora.datasets)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise ConfigError(f"lora.datasets names {unknown}, not members of dataset={cfg.dataset.name} "
+                          f"(its members: {sorted(specs)})")
+    chosen = [specs[n] for n in names]
+    split = [s.name for s in chosen if subtasks.enabled(s)]
+    if split:
+        raise ConfigError(f"lora.datasets: {split} have dataset.subtasks set; a multi-task LoRA trains on whole "
+                          "datasets (their union is the same data)")
+    return chosen
+
+
+def global_batch(cfg: DictConfig, accelerator) -> int:
+    return int(cfg.train.per_device_batch) * accelerator.num_processes * int(cfg.train.grad_accum)
+
+
+def mixture(parts: list[LoadedSplit], length: int, seed: int) -> LoadedSplit:
+    """`length` records of the union of `parts`, interleaved by a seeded sampler: each position draws a dataset
+    uniformly, then that dataset's next record of its own seeded permutation (recycled when exhausted), so
+    every dataset weighs the same whatever its size, as every task does in the generator's training."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+    orders = [torch.randperm(len(p.records), generator=g).tolist() for p in parts]
+    pos = [0] * len(parts)
+    records = []
+    for k in torch.randint(len(parts), (length,), generator=g).tolist():
+        records.append(parts[k].records[orders[k][pos[k] % len(orders[k])]])
+        pos[k] += 1
+    log.info("multi-task LoRA: %d records from %s (%s of each)", length, [p.dataset for p in parts], pos)
+    return LoadedSplit(dataset="+".join(p.dataset for p in parts), split="+".join(p.split for p in parts),
+                       records=records, source=", ".join(p.source for p in parts),
+                       sha256=hashlib.sha256("".join(str(p.sha256) for p in parts).encode()).hexdigest(),
+                       has_acc_norm=parts[0].has_acc_norm)
 
 
 def save_adapter(peft_model, path: Path) -> None:
@@ -214,12 +268,15 @@ def log_entry(dataset: str, split: str, e: dict) -> None:
                  split, e["loss"], e["bleu"], e["rouge_l"], e["exact_match"], e["success_rate"], e["n"])
 
 
-def fingerprint(cfg: DictConfig, spec: DictConfig) -> dict:
+def fingerprint(cfg: DictConfig, specs: list[DictConfig]) -> dict:
     """What makes a training trajectory: resuming with any of these changed is refused."""
+    spec = specs[0]
     lora = OmegaConf.to_container(cfg.lora, resolve=True)
     for k in ("eval_limit", "final_eval_limit", "eval_base", "eval_generate"):
         lora.pop(k)
     lora["generation"] = {k: lora["generation"][k] for k in ("chat_template", "system")}  # the rest is decoding only
     task = subtasks.task_name(spec.name, subtasks.selected(spec))  # <dataset>@<group> when one sub-task
+    if len(specs) > 1:
+        task = "+".join(s.name for s in specs)
     return {"model": cfg.model.name, "dataset": task, "train_split": str(spec.train_split), "lora": lora,
             "precision": cfg.hardware.precision}
