@@ -111,15 +111,22 @@ def test_paw_tiny_end_to_end(tmp_path):
     assert (run / "report" / "report.md").is_file()
 
 
+TASK_VARIANT = ('++pipeline.dnd.generators={task:{objective:task,shape:["generator.residual=true"],'
+                'overrides:["generator.task.batch_size=4","train.per_device_batch=1"]}}')
+
+
 def test_dnd_recipe_end_to_end(tmp_path):
-    """lora x3 -> tokenize -> generator (one held out) -> generate -> evaluate -> table, tiny settings."""
+    """lora x3 -> tokenize -> generator (one held out) -> generate -> evaluate -> table, tiny settings; with the
+    multi-task LoRA baseline and a task-objective generator beside the reconstruction one."""
     run = tmp_path / "dnd"
     gen, gen_train, lora = TINY_DND_GENERATOR, TINY_DND_GENERATOR_TRAIN, TINY_DND_LORA
     args = ["experiment=dnd_minilm", f"hydra.run.dir={run}", "pipeline.dnd.datasets=[arc_easy,arc_challenge,piqa]",
             "pipeline.dnd.heldout=[piqa]", "pipeline.dnd.num_generated=2", f"pipeline.dnd.lora_overrides={lora}",
             f"pipeline.dnd.generator_overrides={gen}", f"pipeline.dnd.generator_train_overrides={gen_train}",
-            'pipeline.dnd.eval_overrides=["eval.limit=30"]',
+            'pipeline.dnd.eval_overrides=["eval.limit=30"]', "pipeline.dnd.multitask=true", TASK_VARIANT,
             f"paths.cache_dir={tmp_path / 'cache'}"]
+    dry = run_cli([*args, "pipeline.dry_run=true"]).stdout
+    assert "multitask/arc_easy+arc_challenge" in dry and "generator-task/piqa" in dry and "generate-task/piqa" in dry
     run_cli(args)
     (row,) = json.loads((run / "table.json").read_text())["rows"]
     results = json.loads((run / "evaluate" / "piqa" / "results.json").read_text())["results"]
@@ -128,6 +135,26 @@ def test_dnd_recipe_end_to_end(tmp_path):
     assert row["oracle"] == by_path[str(run / "lora" / "piqa" / "final")]["acc"]
     gen_accs = [e["acc"] for p, e in by_path.items() if p and "/generate/" in p]
     assert len(gen_accs) == 2 and row["generated"] == pytest.approx(sum(gen_accs) / 2)
+    roles = {e["label"]: e["role"] for e in results}
+    assert roles["oracle"] == "oracle" and roles["multitask"] == "multitask" and roles["base"] == "base"
+    assert roles["generated-task/gen-001"] == "generated-task" and roles["lora/arc_easy"] == "lora"
+    mt = by_path[str(run / "multitask" / "arc_easy+arc_challenge" / "final")]
+    assert row["multitask"] == mt["acc"]
+    task_accs = [e["acc"] for e in results if e["role"] == "generated-task"]
+    task = row["generators"]["task"]
+    assert task["k"] == 2 and task["acc"] == pytest.approx(sum(task_accs) / 2) and task["train_tasks"] == 2
+    # generated - multitask is the mean per-document difference, inside its interval
+    samples = [json.loads(x) for x in (run / "evaluate" / "piqa" / "samples.jsonl").read_text().splitlines()]
+    per = {}
+    for s in samples:
+        per.setdefault(s["label"], []).append(s["acc"])
+    gen_mean = [(a + b) / 2 for a, b in zip(per["generated-task/gen-000"], per["generated-task/gen-001"])]
+    d, lo, hi = task["minus_multitask"]
+    assert d == pytest.approx(sum(g - m for g, m in zip(gen_mean, per["multitask"])) / 30) and lo <= d <= hi
+    assert "Generators against the multi-task LoRA" in (run / "table.md").read_text()
+    # the task generator trained on no LoRA of its training datasets: only the held-out one's token set
+    task_meta = json.loads((run / "generator-task" / "piqa" / "generator" / "generator.json").read_text())
+    assert task_meta["objective"] == "task" and task_meta["tokens"]["arc_easy"] is None
     # The difference to base is the mean per-document difference, inside its own interval.
     samples = [json.loads(x) for x in (run / "evaluate" / "piqa" / "samples.jsonl").read_text().splitlines()]
     base = [s["acc"] for s in samples if s["label"] == "base"]

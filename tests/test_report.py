@@ -268,7 +268,7 @@ def test_dnd_recipe_ends_with_a_report(tmp_path):
         assert rows[e["label"]][4] == f"{e['acc']:.4f} ± {e['acc_stderr']:.4f}"
     (table,) = json.loads((run / "table.json").read_text())["rows"]
     d, lo, hi = table["oracle_diff"]  # the pipeline table's interval: same documents, order and seed
-    assert rows["piqa/final"][-1] == f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    assert rows["oracle"][-1] == f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
     assert (run / "report" / "timing.png").is_file() and (run / "report" / "similarity_lora_piqa.png").is_file()
     assert "| piqa |" in text  # the timing row of the held-out dataset
 

@@ -54,6 +54,16 @@ def trained_on(adapter_dir: Path) -> str | None:
     return None
 
 
+def entry_role(entry: dict, dataset: str) -> str:
+    """The role results.json records where it names a generator variant or the multi-task LoRA, else role_of."""
+    recorded = str(entry.get("role") or "")
+    if recorded == "multitask":
+        return "multi-task LoRA"
+    if recorded.startswith("generated-"):
+        return recorded
+    return role_of(entry["adapter_path"], dataset)
+
+
 def role_of(adapter_path: str | None, dataset: str) -> str:
     if adapter_path is None:
         return "base"
@@ -92,7 +102,7 @@ def accuracy_rows(runs: Runs, seed: int) -> dict[str, list[dict]]:
             base_run = next((r for r, b in bases if r is run), None) or \
                 next((r for r, b in bases if b["model"] == e["model"]), None)
             base = docs[id(base_run)].get(("base", dataset)) if base_run is not None else None
-            rows.append({**e, "run": run.name, "role": role_of(e["adapter_path"], dataset),
+            rows.append({**e, "run": run.name, "role": entry_role(e, dataset),
                          "diff": paired(base, mine, seed) if e["adapter_path"] else None,
                          "display": f"{run.name}: {e['label']}" if multi else e["label"], "_docs": mine, "_base": base})
         out[dataset] = rows
@@ -167,7 +177,7 @@ def text_rows(runs: Runs) -> dict[str, list[dict]]:
     for dataset in dict.fromkeys(e["dataset"] for _, e in members):
         mine = [(r, e) for r, e in members if e["dataset"] == dataset]
         multi = len({id(r) for r, _ in mine}) > 1
-        out[dataset] = [{**e, "run": r.name, "role": role_of(e["adapter_path"], dataset),
+        out[dataset] = [{**e, "run": r.name, "role": entry_role(e, dataset),
                          "display": f"{r.name}: {e['label']}" if multi else e["label"]} for r, e in mine]
     return out
 

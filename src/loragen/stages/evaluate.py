@@ -49,10 +49,10 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"eval.method=generate needs a causal or seq2seq LM; model {lm.name} is an {lm.kind}")
     if cfg.eval.apply_chat_template:
         splits = [s if is_text(s) else _replace_records(s, with_chat_template(s.records, lm.tokenizer)) for s in splits]
-    adapters = [str(Path(a)) for a in cfg.eval.adapters]
-    for a in adapters:  # every adapter is checked before any scoring
+    labelled = labelled_adapters(cfg.eval.adapters)
+    for _, a in labelled:  # every adapter is checked before any scoring
         check_adapter(lm.model, a)
-    runs = ([("base", None)] if cfg.eval.include_base else []) + list(zip(adapter_labels(adapters), adapters))
+    runs = ([("base", None)] if cfg.eval.include_base else []) + labelled
     if not runs:
         raise ConfigError("nothing to evaluate: eval.include_base=false and eval.adapters is empty")
 
@@ -63,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
         model = switcher.use(path)
         for split in splits:
             outcome = evaluate_split(cfg, model, lm, split, generation, accelerator, desc=f"{label} {split.dataset}")
-            entries.append(result_entry(label, path, lm.name, lm.path, split, outcome))
+            entries.append({**result_entry(label, path, lm.name, lm.path, split, outcome), "role": role_of(label, path)})
             samples += sample_rows(label, split.dataset, outcome)
             log_outcome(label, split.dataset, outcome)
 
@@ -132,6 +132,29 @@ def check_text_splits(cfg: DictConfig, splits: list[LoadedSplit]) -> None:
             raise ConfigError(f"dataset {s.dataset} holds prompt->text records: eval.apply_chat_template applies to "
                               "multiple-choice data only; prompts are rendered by eval.generation.chat_template "
                               "(auto | true | false)")
+
+
+def labelled_adapters(adapters) -> list[tuple[str, str]]:
+    """(label, path) of eval.adapters: a list of dirs (labels from their names) or a {label: dir} mapping."""
+    if adapters is None:
+        return []
+    if isinstance(adapters, (dict, DictConfig)):
+        return [(str(k), str(Path(v))) for k, v in adapters.items()]
+    if isinstance(adapters, str):
+        raise ConfigError(f"eval.adapters={adapters!r}; expected a list of adapter dirs ([dir,...]) or {{label: dir}}")
+    paths = [str(Path(a)) for a in adapters]
+    return list(zip(adapter_labels(paths), paths))
+
+
+def role_of(label: str, path: str | None) -> str:
+    """An entry's role in results.json: base; with eval.adapters={label: dir}, the label's first `/` part (the dnd
+    pipeline's oracle, lora, average, nearest, multitask, generated, generated-<variant>); else adapter."""
+    if path is None:
+        return "base"
+    return label.split("/")[0] if "/" in label or label in ROLE_LABELS else "adapter"
+
+
+ROLE_LABELS = ("oracle", "average", "nearest", "multitask")
 
 
 def adapter_labels(paths: list[str]) -> list[str]:
