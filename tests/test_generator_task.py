@@ -165,3 +165,54 @@ def test_bad_objective_is_refused_before_anything_loads(token_dirs, tmp_path):
 
     with pytest.raises(ConfigError, match="generator.objective='sft'"):
         run_stage(_args(token_dirs, tmp_path / "run", tmp_path / "cache", ["generator.objective=sft"]))
+
+
+def test_layout_json_keeps_a_set_of_target_modules_a_list(tmp_path):
+    """PEFT's to_dict() gives target_modules as a set; layout.json once wrote it as the string "{'query', 'value'}"."""
+    from loragen.lora.tokenize import load_token_set, save_token_set
+
+    a = Adapter({"r": 1, "lora_alpha": 1, "target_modules": {"value", "query"}, "peft_type": "LORA"},
+                {"base_model.model.encoder.layer.0.attention.self.query.lora_A.weight": torch.ones(1, 4),
+                 "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight": torch.ones(4, 1)})
+    ts = save_token_set(tokenize_adapters([a], modules=["query", "value"], scheme="dnd", chunk=4), tmp_path / "t")
+    assert load_token_set(ts).layout.adapter_config["target_modules"] == ["query", "value"]
+
+
+def test_task_objective_two_processes_match_one_with_the_same_global_batch(token_dirs, tmp_path):
+    """DDP (2 gloo processes, each its own labeled mini-batches) takes the same steps as one process with batch 2."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = ["stage=generator", "dataset=commonsense6", "tracker=none", f"paths.cache_dir={tmp_path / 'cache'}",
+              f"generator.datasets=[{','.join(DATASETS)}]", "generator.heldout=null",
+              f"+generator.tokens.openbookqa={token_dirs['openbookqa']}", *GEN, "generator.residual=true",
+              "generator.objective=task", "train.max_steps=3", "train.eval_every=0", "generator.task.batch_size=4",
+              "train.lr=1e-2"]
+    runs = {2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "loragen", *common,
+                "train.per_device_batch=1", f"hydra.run.dir={tmp_path / 'two'}"],
+            1: [sys.executable, "-m", "loragen", *common, "train.per_device_batch=2", f"hydra.run.dir={tmp_path / 'one'}"]}
+    for cmd in runs.values():
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = (load_file(str(tmp_path / d / "generator" / "model.safetensors")) for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    # Adam's first steps move every weight by about lr whatever its gradient's size, so the float noise of a
+    # gradient near zero shows up at the 1e-5 level: 3 steps of lr 1e-2 move the weights by up to 3e-2
+    assert all(torch.allclose(one[k], two[k], atol=2e-4, rtol=1e-3) for k in one)
+    last = one["layers.1.channel_conv.weight"]  # zero-initialised (residual): it moved far beyond the tolerance
+    assert float(last.abs().max()) > 2e-3
+    l1, l2 = (json.loads((tmp_path / d / "metrics.json").read_text())["history"] for d in ("one", "two"))
+    assert [h["loss"] for h in l1] == pytest.approx([h["loss"] for h in l2], rel=1e-5)
+
+
+def test_task_objective_composes_for_qwen_on_a800():
+    cfg = compose(["stage=generator", "model=qwen2.5-0.5b", "generator=dnd_qwen0.5b", "hardware=a800",
+                   "generator.objective=task", "generator.condition=description"])
+    assert cfg.generator.objective == "task" and cfg.generator.task.batch_size == 16
+    assert cfg.generator.features[-1] == [4296, 10, 130] and cfg.hardware.precision == "bf16"

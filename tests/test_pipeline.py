@@ -127,9 +127,11 @@ def test_dnd_recipe_end_to_end(tmp_path):
             f"paths.cache_dir={tmp_path / 'cache'}"]
     dry = run_cli([*args, "pipeline.dry_run=true"]).stdout
     assert "multitask/arc_easy+arc_challenge" in dry and "generator-task/piqa" in dry and "generate-task/piqa" in dry
+    assert "evaluate-task/piqa" in dry
     run_cli(args)
     (row,) = json.loads((run / "table.json").read_text())["rows"]
-    results = json.loads((run / "evaluate" / "piqa" / "results.json").read_text())["results"]
+    results = [e for ev in ("evaluate", "evaluate-task") for e in
+               json.loads((run / ev / "piqa" / "results.json").read_text())["results"]]
     by_path = {e["adapter_path"]: e for e in results}
     assert row["split"] == "validation@eval" and row["n"] == 30 and row["base"] == by_path[None]["acc"]
     assert row["oracle"] == by_path[str(run / "lora" / "piqa" / "final")]["acc"]
@@ -144,7 +146,8 @@ def test_dnd_recipe_end_to_end(tmp_path):
     task = row["generators"]["task"]
     assert task["k"] == 2 and task["acc"] == pytest.approx(sum(task_accs) / 2) and task["train_tasks"] == 2
     # generated - multitask is the mean per-document difference, inside its interval
-    samples = [json.loads(x) for x in (run / "evaluate" / "piqa" / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(x) for ev in ("evaluate", "evaluate-task")
+               for x in (run / ev / "piqa" / "samples.jsonl").read_text().splitlines()]
     per = {}
     for s in samples:
         per.setdefault(s["label"], []).append(s["acc"])
@@ -152,6 +155,7 @@ def test_dnd_recipe_end_to_end(tmp_path):
     d, lo, hi = task["minus_multitask"]
     assert d == pytest.approx(sum(g - m for g, m in zip(gen_mean, per["multitask"])) / 30) and lo <= d <= hi
     assert "Generators against the multi-task LoRA" in (run / "table.md").read_text()
+    assert "generated-task" in (run / "report" / "report.md").read_text()
     # the task generator trained on no LoRA of its training datasets: only the held-out one's token set
     task_meta = json.loads((run / "generator-task" / "piqa" / "generator" / "generator.json").read_text())
     assert task_meta["objective"] == "task" and task_meta["tokens"]["arc_easy"] is None

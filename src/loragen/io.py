@@ -41,7 +41,14 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    """Sets (PEFT's target_modules) as sorted lists: str() would write "{'q', 'v'}", which PEFT reads as a regex."""
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    return str(o)
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:

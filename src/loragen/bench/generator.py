@@ -2,7 +2,9 @@
 
 - training samples/s with the prompt-state cache vs re-encoding every sample's prompts (the reference);
 - peak memory of training;
-- generation latency of one adapter, encoder included (32 prompts -> PEFT tensors), against the 1 s target.
+- generation latency of one adapter, encoder included (32 prompts -> PEFT tensors), against the 1 s target;
+- a task-objective step (one generated adapter through frozen MiniLM on a labeled batch of 16) against a
+  reconstruction step of the same generator (batch 4): seconds and peak RSS, no target (issue [2/5]).
 
 Token sets are synthetic (MiniLM r=8 query/value adapters, dnd scheme: 144 tokens of 10x66); the prompts
 are ARC-Easy train questions.
@@ -112,7 +114,8 @@ def run() -> list[dict]:
         latencies.append(time.perf_counter() - t0)
     latency = statistics.median(latencies[1:])
     params = sum(p.numel() for p in model.parameters())
-    return [
+    task_row = _task_vs_reconstruction(model, samples, ts, encoder_cfg, paths, spec)
+    return [task_row,
         {"name": "generator_train", "metric": f"samples/s (small_minilm, {params / 1e6:.2f}M params, batch {BATCH})",
          "loragen": with_cache, "reference": without_cache, "ratio": with_cache / without_cache,
          "target": "> 1 (cache helps)",
@@ -121,3 +124,46 @@ def run() -> list[dict]:
          "loragen": latency, "reference": 1.0, "ratio": 1.0 / latency, "target": "< 1 s (ratio > 1)",
          "notes": "median of 4 after one warm-up; decode + detokenize included"},
     ]
+
+
+def _task_vs_reconstruction(model, samples, ts, encoder_cfg, paths, spec) -> dict:
+    """Seconds per optimizer step (median) and peak RSS: reconstruction (batch 4) vs task objective (1 adapter x 16)."""
+    from loragen.generator.task_objective import FunctionalLoRA
+    from loragen.models import load_model
+    from loragen.train.objectives import make_objective
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    weights = token_weights(ts.token_std)
+
+    def timed(step_fn) -> float:
+        times = []
+        for step in range(WARMUP + STEPS):
+            t0 = time.perf_counter()
+            loss = step_fn(step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[WARMUP:])
+
+    recon_s = timed(lambda step: token_loss(model(collate([samples[step * BATCH + i] for i in range(BATCH)])["cond"]),
+                                            collate([samples[step * BATCH + i] for i in range(BATCH)])["target"],
+                                            ts.mask, weights))
+    recon_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lm = load_model(encoder_cfg, paths, "fp32", "cpu")
+    objective = make_objective(lm.kind, lm.tokenizer, max_length=512, temperature=0.05)
+    flora = FunctionalLoRA(lm, ts.layout, objective)
+    records = load_split(spec, "train", data_dir=paths.data_dir).records
+    batches = [objective.collate(records[i * 16:(i + 1) * 16]) for i in range(WARMUP + STEPS)]
+
+    def task_step(step):
+        loss, units = flora.loss(model(samples[step]["cond"].unsqueeze(0))[0], batches[step])
+        return loss / units
+
+    task_s = timed(task_step)
+    task_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"name": "generator_task_step", "metric": "s per step: task objective (1 adapter, 16 ARC-E records) vs "
+            f"reconstruction (batch {BATCH})", "loragen": task_s, "reference": recon_s, "ratio": task_s / recon_s,
+            "target": "none (recorded)", "notes": f"peak RSS {recon_mb:.0f} MB after the reconstruction steps, "
+            f"{task_mb:.0f} MB after the task steps (frozen MiniLM loaded)"}

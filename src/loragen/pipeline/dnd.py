@@ -110,8 +110,13 @@ def steps(cfg: DictConfig, root: Path) -> list[Step]:
                                           f"eval.adapters={quote(_adapters(cfg, root, h, trained))}", *d.eval_overrides,
                                           "eval.include_base=true"],  # the table compares everything with base
                         ["results.json"], [*(f"lora/{n}" for n in trained), f"generator/{h}", f"generate/{h}",
-                                           *([multitask_name(cfg, h)] if d.multitask else []),
-                                           *(f"{pre}-{v}/{h}" for v in variants(cfg) for pre in ("generator", "generate"))]))
+                                           *([multitask_name(cfg, h)] if d.multitask else [])]))
+        for v in variants(cfg):  # its own evaluate step: adding a variant to a finished run re-evaluates nothing else
+            out.append(Step(f"evaluate-{v}/{h}", ["stage=evaluate", f"model={model}", f"dataset={h}",
+                                                  f"eval.split={quote(heldout_split(_spec(cfg, h)))}",
+                                                  f"eval.adapters={quote(_generated(cfg, root, h, v))}",
+                                                  *d.eval_overrides, "eval.include_base=false"],
+                            ["results.json"], [f"generate-{v}/{h}"]))
     out.append(Step("report", ["stage=report", f"report.runs={quote([str(root)])}"], ["report.md"], [s.name for s in out]))
     return out
 
@@ -122,9 +127,11 @@ def _subtask_cfg(cfg: DictConfig, dataset: str, group: str | None) -> dict:
 
 
 def _evaluated_loras(cfg: DictConfig, by_dataset: dict[str, list[str]], h: str) -> list[str]:
-    """Whole datasets: every dataset's LoRA (h's own is the oracle). With sub-tasks: h's whole-dataset LoRA only."""
+    """Whole datasets: every dataset's LoRA (h's own is the oracle; pipeline.dnd.eval_other_loras=false: the oracle
+    only). With sub-tasks: h's whole-dataset LoRA only."""
     names = list(cfg.pipeline.dnd.datasets)
-    return names if all(by_dataset[n] == [n] for n in names) else [h]
+    whole = all(by_dataset[n] == [n] for n in names)
+    return names if whole and cfg.pipeline.dnd.eval_other_loras else [h]
 
 
 def _adapters(cfg: DictConfig, root: Path, h: str, trained: list[str]) -> dict[str, str]:
@@ -134,11 +141,14 @@ def _adapters(cfg: DictConfig, root: Path, h: str, trained: list[str]) -> dict[s
     out.update({b: str(root / "generator" / h / "baselines" / b) for b in BASELINES})
     if d.multitask:
         out["multitask"] = str(root / multitask_name(cfg, h) / "final")
-    for v in [None, *variants(cfg)]:
-        role, step = ("generated", "generate") if v is None else (f"generated-{v}", f"generate-{v}")
-        out.update({f"{role}/gen-{i:03d}": str(root / step / h / "adapters" / f"gen-{i:03d}")
-                    for i in range(int(d.num_generated))})
-    return out
+    return {**out, **_generated(cfg, root, h, None)}
+
+
+def _generated(cfg: DictConfig, root: Path, h: str, v: str | None) -> dict[str, str]:
+    """{generated[-<v>]/gen-XXX: dir} of the generate step of variant v (None: the reconstruction generator)."""
+    role, step = ("generated", "generate") if v is None else (f"generated-{v}", f"generate-{v}")
+    return {f"{role}/gen-{i:03d}": str(root / step / h / "adapters" / f"gen-{i:03d}")
+            for i in range(int(cfg.pipeline.dnd.num_generated))}
 
 
 def _datasets_other_than(cfg: DictConfig, h: str) -> list[str]:
@@ -244,18 +254,21 @@ def heldout_scores(root: Path, h: str) -> HeldoutScores:
     where evaluated, multitask and generated-<variant>). Roles come from results.json's `role`; a run written
     before roles were recorded is read by its adapter paths."""
     ev = root / "evaluate" / h
-    for f in ("results.json", "samples.jsonl"):
-        if not (ev / f).is_file():
-            raise DataError(f"{ev / f} is missing; expected the evaluate step of held-out {h} in the pipeline dir {root}")
-    entries = io.read_json(ev / "results.json")["results"]
+    entries: list[dict] = []
     by_label: dict[str, dict[str, float]] = {}
-    for n, line in enumerate((ev / "samples.jsonl").read_text().splitlines(), 1):
-        try:
-            s = json.loads(line)
-            by_label.setdefault(s["label"], {})[str(s["id"])] = float(s["acc"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{ev / 'samples.jsonl'} line {n}: expected a JSON object with label, id and acc "
-                            f"({type(e).__name__}: {e})") from None
+    # evaluate/<h>, then the generator variants' evaluate-<v>/<h> (their entries carry their roles)
+    for d in [ev, *sorted(p.parent for p in root.glob(f"evaluate-*/{h}/results.json"))]:
+        for f in ("results.json", "samples.jsonl"):
+            if not (d / f).is_file():
+                raise DataError(f"{d / f} is missing; expected the evaluate step of held-out {h} in the pipeline dir {root}")
+        entries += io.read_json(d / "results.json")["results"]
+        for n, line in enumerate((d / "samples.jsonl").read_text().splitlines(), 1):
+            try:
+                s = json.loads(line)
+                by_label.setdefault(s["label"], {})[str(s["id"])] = float(s["acc"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{d / 'samples.jsonl'} line {n}: expected a JSON object with label, id and acc "
+                                f"({type(e).__name__}: {e})") from None
     roles = _roles(entries, root, h)
     missing = [r for r in ("base", "oracle", *BASELINES) if r not in roles]
     if missing:
@@ -346,11 +359,13 @@ def _against_multitask(cfg: DictConfig, root: Path, h: str, sc: HeldoutScores) -
             continue
         docs = [sc.docs[role][i] for i in ids]
         metrics = root / step / h / "metrics.json"
+        meta = io.read_json(metrics) if metrics.is_file() else {}
         out["generators"][name] = {
+            "objective": meta.get("objective", "reconstruction"), "condition": meta.get("condition", "prompts"),
             "acc": sc.acc[role], "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "k": len(accs),
             "diff": paired_bootstrap(base, docs, seed=seed),
             "minus_multitask": paired_bootstrap(mt, docs, seed=seed) if mt is not None else None,
-            "train_tasks": len(io.read_json(metrics)["datasets"]) if metrics.is_file() else None,
+            "train_tasks": len(meta["datasets"]) if "datasets" in meta else None,
         }
     return out
 
@@ -375,6 +390,8 @@ def markdown(cfg: DictConfig, rows: list[dict]) -> str:
               "held-out dataset's unlabeled eval-split prompts; its interval is for the per-document mean over them."]
     if any("multitask" in r or len(r.get("generators", {})) > 1 for r in rows):
         lines += ["", *generators_markdown(rows)]
+    if len({n for r in rows for n in task_count_series(r)}) > 1 and all("multitask" in r for r in rows):
+        lines += ["", *task_count_markdown(rows)]
     split = [n for n in cfg.pipeline.dnd.datasets if subtasks.enabled(_spec(cfg, n))]
     if split:
         lines += ["", f"Sub-tasks (`<dataset>@<group>`, each its own LoRA on its part of the train split) for {', '.join(split)}; "
@@ -405,3 +422,38 @@ def generators_markdown(rows: list[dict]) -> list[str]:
               "number of training tasks, the difference to base and generated − multi-task LoRA, each with its paired-",
               "bootstrap 95% interval over documents (per-document mean over the k adapters)."]
     return lines
+
+
+def task_count_series(row: dict) -> dict[int, tuple[str, list[float]]]:
+    """number of training tasks -> (generator, generated - multitask [diff, lo, hi]) of the row's prompt-conditioned
+    task-objective generators (the task-count experiment)."""
+    out = {}
+    for name, g in row.get("generators", {}).items():
+        if g["objective"] == "task" and g["condition"] == "prompts" and g["minus_multitask"] is not None:
+            out[int(g["train_tasks"])] = (name, list(g["minus_multitask"]))
+    return dict(sorted(out.items()))
+
+
+def task_count_markdown(rows: list[dict]) -> list[str]:
+    names = list(dict.fromkeys(n for r in rows for n, _ in task_count_series(r).values()))
+    lines = ["## The task objective against the number of training tasks", "",
+             "| held out | " + " | ".join(f"{n}: tasks, generated − multi-task [95% CI]" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for r in rows:
+        by_name = {n: (k, d) for k, (n, d) in task_count_series(r).items()}
+        cells = [f"{by_name[n][0]}: {by_name[n][1][0]:+.3f} [{by_name[n][1][1]:+.3f}, {by_name[n][1][2]:+.3f}]"
+                 if n in by_name else "n/a" for n in names]
+        lines.append(f"| {r['heldout']} | " + " | ".join(cells) + " |")
+    lines += ["", "The same multi-task LoRA (the union of the five training datasets) in every column; task_count.png "
+              "plots these differences against the number of training tasks."]
+    return lines
+
+
+def plots(cfg: DictConfig, rows: list[dict], root: Path) -> list[Path]:
+    """task_count.png: generated (task) - multi-task per held-out dataset against the number of training tasks."""
+    series = {r["heldout"]: task_count_series(r) for r in rows}
+    if not any(len(s) > 1 for s in series.values()):
+        return []
+    from loragen.report.plots import task_count_plot
+
+    return [task_count_plot(series, root / "task_count.png")]

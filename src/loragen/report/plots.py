@@ -160,3 +160,24 @@ def timing_bars(bars: list[tuple[str, float, str]], title: str, path: Path) -> P
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return save(fig, path)
+
+
+def task_count_plot(series: dict[str, dict[int, tuple[str, list[float]]]], path: Path) -> Path:
+    """One line per held-out dataset: generated (task objective) - multi-task LoRA, with its 95% interval, against
+    the number of training tasks (log axis); zero is drawn, the axis is not forced to include anything else."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    offsets = np.linspace(-0.04, 0.04, max(len(series), 1))
+    for off, (heldout, points) in zip(offsets, series.items()):
+        if not points:
+            continue
+        x = np.array(list(points), dtype=float) * (1 + off)  # a small horizontal dodge keeps the bars apart
+        d = np.array([p[1] for p in points.values()])
+        ax.errorbar(x, d[:, 0], yerr=[d[:, 0] - d[:, 1], d[:, 2] - d[:, 0]], marker="o", capsize=3, label=heldout)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ticks = sorted({k for p in series.values() for k in p})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set(title="held-out accuracy: generated (task objective) − multi-task LoRA",
+           xlabel="training tasks the generator saw (log scale)", ylabel="difference in accuracy (95% CI)")
+    ax.legend(fontsize=8, title="held out", title_fontsize=8)
+    return save(fig, path)

@@ -48,6 +48,8 @@ def run(cfg: DictConfig) -> dict:
         io.write_text(root / "table.csv", buf.getvalue())
         text = recipe.markdown(cfg, rows)
         io.write_text(root / "table.md", text)
+        for png in getattr(recipe, "plots", lambda *a: [])(cfg, rows, root):
+            log.info("plot %s", png)
         print(text)
         log.info("pipeline table in %s", root / "table.md")
     return {"rows": rows, "steps": status}
