@@ -62,7 +62,7 @@ def run_stage_in_process(overrides: list[str], run_dir=None) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from loragen.cli import run_stage
+    from loragen.stages import run_stage
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)

@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from loragen.config_dir import conf_dir
 from loragen.errors import LoragenError
+from loragen.stages import run_stage
 
 log = logging.getLogger("loragen")
 
 
-def _conf_dir() -> str:
-    """The repo's conf/ (editable install) or the copy packaged inside loragen/."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parents[1] / "conf", here / "conf"):
-        if (cand / "config.yaml").is_file():
-            return str(cand)
-    raise RuntimeError(f"loragen's conf/ directory was not found next to {here}")
-
-
-STAGES = ("data", "lora", "tokenize", "generator", "generate", "evaluate", "transfer", "pipeline", "report", "export", "chat")
-
-
-def run_stage(cfg: DictConfig) -> dict:
-    """Run the stage named by cfg.stage.name in-process and return its results."""
-    name = cfg.stage.name
-    if name not in STAGES:
-        raise LoragenError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
-    try:
-        module = importlib.import_module(f"loragen.stages.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"loragen.stages.{name}":
-            raise
-        raise LoragenError(f"stage {name!r} is not implemented yet") from None
-    return module.run(cfg)
-
-
-@hydra.main(config_path=_conf_dir(), config_name="config", version_base="1.3")
+@hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> None:
     from transformers.utils import logging as hf_logging
 

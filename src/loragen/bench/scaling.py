@@ -111,9 +111,9 @@ def estimates(seq_len: int) -> list[StepCost]:
 
     from omegaconf import OmegaConf
 
-    from loragen.cli import _conf_dir
+    from loragen.config_dir import conf_dir
 
-    gen = OmegaConf.load(Path(_conf_dir()) / "generator" / "dnd_qwen0.5b.yaml")
+    gen = OmegaConf.load(Path(conf_dir()) / "generator" / "dnd_qwen0.5b.yaml")
     gen.pop("defaults", None)
     gen = OmegaConf.to_container(OmegaConf.create({"generator": gen}), resolve=True)["generator"]
     features = [[int(v) for v in f] for f in gen["features"]]

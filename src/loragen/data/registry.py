@@ -35,6 +35,17 @@ class LoadedSplit:
     skipped: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def is_text(self) -> bool:
+        """Prompt -> text records (instruction data) rather than multiple choice."""
+        return bool(self.records) and isinstance(self.records[0], TextRecord)
+
+
+def data_options(cfg: DictConfig) -> dict[str, Any]:
+    """load_split's keywords from a run config: the local data dir, the seed and the `data` settings."""
+    return dict(data_dir=cfg.paths.data_dir, seed=cfg.seed, skip_invalid=cfg.data.skip_invalid,
+                hash_train_fraction=cfg.data.hash_train_fraction)
+
 
 def dataset_specs(dataset_cfg: DictConfig) -> list[DictConfig]:
     """The single-dataset configs of a dataset config: itself, or its members (e.g. commonsense)."""

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from loragen import io
 from loragen.data.records import MCRecord
-from loragen.data.registry import LoadedSplit
+from loragen.data.registry import LoadedSplit, data_options
 from loragen.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,7 @@ def sizes(cfg: DictConfig) -> dict[str, dict]:
     for spec in dataset_specs(cfg.dataset):
         if not enabled(spec):
             continue
-        loaded = load_split(spec, str(spec.train_split), data_dir=cfg.paths.data_dir, seed=cfg.seed,
-                            skip_invalid=cfg.data.skip_invalid, hash_train_fraction=cfg.data.hash_train_fraction)
+        loaded = load_split(spec, str(spec.train_split), **data_options(cfg))
         parts = groups(spec, loaded.records, cfg.paths)
         out[spec.name] = {"by": spec.subtasks.by, "split": str(spec.train_split), "records": len(loaded.records),
                           "tasks": {task_name(spec.name, g): len(idx) for g, idx in parts.items()}}

@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from loragen.data import LoadedSplit, dataset_specs, load_split, subtasks
+from loragen.data.registry import data_options
 from loragen.errors import ConfigError, DataError
 
 
@@ -27,8 +28,7 @@ def task_split(cfg: DictConfig, name: str, split: str, known: dict | None = None
     """`split` of dataset `name`; of a sub-task `<dataset>@<group>`, the records of its group (groups are cut
     from the dataset's train split: `split` must be that one)."""
     spec = dataset_spec(cfg, name, known)
-    loaded = load_split(spec, split, data_dir=cfg.paths.data_dir, seed=cfg.seed,
-                        skip_invalid=cfg.data.skip_invalid, hash_train_fraction=cfg.data.hash_train_fraction)
+    loaded = load_split(spec, split, **data_options(cfg))
     _, group = subtasks.split_task(name)
     if group is not None:
         if split != str(spec.train_split):

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from loragen import io
 from loragen.data import load_split, subtasks
-from loragen.data.registry import heldout_split
+from loragen.data.registry import data_options, heldout_split
 from loragen.errors import ConfigError, DataError
 from loragen.evaluation.metrics import paired_bootstrap
 from loragen.pipeline.engine import Step, quote
@@ -58,9 +58,7 @@ def tasks(cfg: DictConfig) -> dict[str, list[str]]:
         spec = _spec(cfg, name)
         records = []
         if subtasks.enabled(spec):
-            records = load_split(spec, str(spec.train_split), data_dir=cfg.paths.data_dir, seed=cfg.seed,
-                                 skip_invalid=cfg.data.skip_invalid,
-                                 hash_train_fraction=cfg.data.hash_train_fraction).records
+            records = load_split(spec, str(spec.train_split), **data_options(cfg)).records
         out[name] = subtasks.task_names(spec, records, cfg.paths)
     return out
 
@@ -203,8 +201,7 @@ def variant_tasks(cfg: DictConfig, h: str, spec: DictConfig) -> tuple[list[str],
             tasks.append(n)
             continue
         merged = OmegaConf.merge(_spec(cfg, n), {"subtasks": sub})
-        records = load_split(merged, str(merged.train_split), data_dir=cfg.paths.data_dir, seed=cfg.seed,
-                             skip_invalid=cfg.data.skip_invalid, hash_train_fraction=cfg.data.hash_train_fraction).records
+        records = load_split(merged, str(merged.train_split), **data_options(cfg)).records
         tasks += subtasks.task_names(merged, records, cfg.paths)
         members.append(f"dataset.members.{n}.subtasks={quote(OmegaConf.to_container(merged.subtasks, resolve=True))}")
     return tasks, members

@@ -156,7 +156,7 @@ def _finish(step: Step, step_dir: Path, fp: str, seconds: float) -> dict:
 
 def run_in_process(step: Step, cfg: DictConfig, step_dir: Path) -> None:
     """The local executor: the stage runs in this process, with step_dir as its run dir."""
-    from loragen.cli import run_stage
+    from loragen.stages import run_stage
 
     with runtime.using_run_dir(step_dir):
         if runtime.is_main():

@@ -87,7 +87,7 @@ class EvaluateRun(Run):
 
         Rows of prompt->text entries (no acc: generated outputs) are left out."""
         path = self.path / "samples.jsonl"
-        text = {(e["label"], e["dataset"]) for e in self.results if is_text(e)}
+        text = {(e["label"], e["dataset"]) for e in self.results if is_text_entry(e)}
         out: dict[tuple[str, str], dict[str, float]] = {}
         if path.is_file():
             for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -121,7 +121,7 @@ class Runs:
         return None
 
 
-def is_text(entry: dict) -> bool:
+def is_text_entry(entry: dict) -> bool:
     """A prompt->text results.json entry (text metrics), not a multiple-choice one (acc)."""
     return "acc" not in entry
 
@@ -207,7 +207,7 @@ def read_results(path: Path) -> list[dict]:
         where = path / f"results[{i}]"
         for k in ("label", "adapter_path", "dataset", "split", "n"):
             _key(e, k, where)
-        if is_text(e):
+        if is_text_entry(e):
             missing = [k for k in TEXT_METRICS if k not in e]
             if missing:
                 raise DataError(f"{where}: expected acc (a multiple-choice entry) or the text metrics "

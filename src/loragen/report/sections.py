@@ -18,7 +18,7 @@ from loragen.evaluation.results import TEXT_HEADERS, fmt_text_metric
 from loragen.evaluation.text_evaluator import METRICS as TEXT_METRICS
 from loragen.evaluation.text_metrics import EMBED_MODEL
 from loragen.report import plots
-from loragen.report.runs import EvaluateRun, LoraRun, Run, Runs, TrainedRun, is_text, read_json
+from loragen.report.runs import EvaluateRun, LoraRun, Run, Runs, TrainedRun, is_text_entry, read_json
 from loragen.report.similarity import cosine_of_dirs
 
 
@@ -89,7 +89,7 @@ def accuracy_rows(runs: Runs, seed: int) -> dict[str, list[dict]]:
     groups: dict[str, list[tuple[EvaluateRun, dict]]] = {}
     for run in runs.evaluate:
         for e in run.results:
-            if not is_text(e):
+            if not is_text_entry(e):
                 groups.setdefault(e["dataset"], []).append((run, e))
     out: dict[str, list[dict]] = {}
     for dataset, members in groups.items():
@@ -134,7 +134,7 @@ def generated_summary(rows: list[dict], seed: int) -> dict | None:
 def accuracy_section(runs: Runs, out: Path, seed: int) -> list[str]:
     if not runs.evaluate:
         return ["## Accuracy", "", "No evaluate run among the given runs.", ""]
-    if not any(not is_text(e) for run in runs.evaluate for e in run.results):
+    if not any(not is_text_entry(e) for run in runs.evaluate for e in run.results):
         return ["## Accuracy", "", "No multiple-choice evaluation among the given runs (prompt->text results are "
                 "under Generation metrics).", ""]
     lines = ["## Accuracy", "",
@@ -172,7 +172,7 @@ def fmt_diff(diff: tuple[float, float, float] | None) -> str:
 def text_rows(runs: Runs) -> dict[str, list[dict]]:
     """dataset -> one row per prompt->text results.json entry (evaluate runs, then lora runs' own evaluation),
     with its role and display label (prefixed by the run's name when several runs evaluated the dataset)."""
-    members: list[tuple[Run, dict]] = [(r, e) for r in [*runs.evaluate, *runs.lora] for e in r.results if is_text(e)]
+    members: list[tuple[Run, dict]] = [(r, e) for r in [*runs.evaluate, *runs.lora] for e in r.results if is_text_entry(e)]
     out: dict[str, list[dict]] = {}
     for dataset in dict.fromkeys(e["dataset"] for _, e in members):
         mine = [(r, e) for r, e in members if e["dataset"] == dataset]
@@ -272,7 +272,7 @@ def final_eval(run: LoraRun) -> str:
     out = []
     for e in (e for e in run.results if e["label"] == "final"):
         head = f"{e['dataset']} {e['split']} n={e['n']}: "
-        if not is_text(e):
+        if not is_text_entry(e):
             out.append(head + fmt(e["acc"]))
         else:
             loss = f", loss {fmt_text_metric('loss', e['loss'])}" if e.get("loss") is not None else ""
@@ -407,7 +407,7 @@ def timing_rows(runs: Runs) -> list[dict]:
     for g in runs.generate:
         dataset = g.summary.get("prompts", {}).get("dataset")
         paths = g.adapter_paths
-        accs = [e["acc"] for r in runs.evaluate for e in r.results if not is_text(e)
+        accs = [e["acc"] for r in runs.evaluate for e in r.results if not is_text_entry(e)
                 and e["adapter_path"] and str(Path(e["adapter_path"])) in paths and e["dataset"] == dataset]
         gen_dir = Path(str(g.summary.get("checkpoint", ""))).resolve()
         generator = next((r for r in runs.generator if r.path == gen_dir), None)

@@ -15,7 +15,7 @@ from loragen import io, runtime
 from loragen.data import dataset_specs, load_split, subtasks
 from loragen.data.convert import alpaca_rows
 from loragen.data.records import TextRecord
-from loragen.data.registry import splits_of
+from loragen.data.registry import data_options, splits_of
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ def run(cfg: DictConfig) -> dict:
             splits += sorted(p.stem for p in (Path(cfg.paths.data_dir) / local).glob("*.jsonl") if p.stem not in splits)
         for split in splits:
             loaded = load_split(
-                spec, split, data_dir=cfg.paths.data_dir, seed=cfg.seed,
-                skip_invalid=cfg.data.skip_invalid, hash_train_fraction=cfg.data.hash_train_fraction,
+                spec, split, **data_options(cfg)
             )
             summary[spec.name][split] = {"n": len(loaded.records), "source": loaded.source, "sha256": loaded.sha256}
             if cfg.data.to_instruction and runtime.is_main():

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from loragen import io, runtime
 from loragen.data import LoadedSplit, dataset_specs, load_split
-from loragen.data.records import TextRecord
+from loragen.data.registry import data_options
 from loragen.errors import ConfigError
 from loragen.evaluation import EvalOutcome, GenerationSettings, TextEvalOutcome, evaluate_records, evaluate_texts
 from loragen.evaluation.adapters import AdapterSwitcher, check_adapter
@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.eval.method == "generate" and lm.kind not in GENERATIVE:
         raise ConfigError(f"eval.method=generate needs a causal or seq2seq LM; model {lm.name} is an {lm.kind}")
     if cfg.eval.apply_chat_template:
-        splits = [s if is_text(s) else _replace_records(s, with_chat_template(s.records, lm.tokenizer)) for s in splits]
+        splits = [s if s.is_text else _replace_records(s, with_chat_template(s.records, lm.tokenizer)) for s in splits]
     labelled = labelled_adapters(cfg.eval.adapters)
     for _, a in labelled:  # every adapter is checked before any scoring
         check_adapter(lm.model, a)
@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
 
 def evaluate_split(cfg: DictConfig, model, lm, split: LoadedSplit, generation: GenerationSettings, accelerator,
                    desc: str) -> EvalOutcome | TextEvalOutcome:
-    if is_text(split):
+    if split.is_text:
         return evaluate_texts(model, lm.tokenizer, lm.kind, split.records, generation=generation,
                               batch_size=int(cfg.eval.batch_size), language=split.meta.get("language"),
                               accelerator=accelerator, desc=desc)
@@ -102,26 +102,19 @@ def load_eval_splits(cfg: DictConfig) -> list[LoadedSplit]:
     splits = []
     for spec in dataset_specs(cfg.dataset):
         split = load_split(
-            spec, cfg.eval.split or spec.eval_split, data_dir=cfg.paths.data_dir, limit=cfg.eval.limit,
-            sample_ratio=cfg.eval.sample_ratio, seed=cfg.seed, skip_invalid=cfg.data.skip_invalid,
-            hash_train_fraction=cfg.data.hash_train_fraction,
+            spec, cfg.eval.split or spec.eval_split, limit=cfg.eval.limit, sample_ratio=cfg.eval.sample_ratio,
+            **data_options(cfg),
         )
-        if cfg.eval.num_fewshot and not is_text(split):
-            pool = load_split(spec, cfg.eval.fewshot_split or spec.train_split, data_dir=cfg.paths.data_dir,
-                              skip_invalid=cfg.data.skip_invalid, hash_train_fraction=cfg.data.hash_train_fraction)
+        if cfg.eval.num_fewshot and not split.is_text:
+            pool = load_split(spec, cfg.eval.fewshot_split or spec.train_split, **data_options(cfg))
             split = _replace_records(split, with_fewshot(split.records, pool.records, int(cfg.eval.num_fewshot), cfg.seed))
         splits.append(split)
     return splits
 
 
-def is_text(split: LoadedSplit) -> bool:
-    """Prompt -> text records (instruction data) rather than multiple choice."""
-    return bool(split.records) and isinstance(split.records[0], TextRecord)
-
-
 def check_text_splits(cfg: DictConfig, splits: list[LoadedSplit]) -> None:
     """Prompt->text data is evaluated by eval.method=generate alone; the multiple-choice prompt options do not apply."""
-    for s in filter(is_text, splits):
+    for s in (s for s in splits if s.is_text):
         if cfg.eval.method != "generate":
             raise ConfigError(f"dataset {s.dataset} holds prompt->text records (no choices to score): "
                               f"eval.method={cfg.eval.method} cannot evaluate it; use eval.method=generate")

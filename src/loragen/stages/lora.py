@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from loragen import runtime
 from loragen.data import dataset_specs, load_split, subtasks
 from loragen.data.records import TextRecord
-from loragen.data.registry import LoadedSplit, heldout_split
+from loragen.data.registry import LoadedSplit, data_options, heldout_split
 from loragen.errors import ConfigError
 from loragen.evaluation import GenerationSettings, TextEvalOutcome, evaluate_records, evaluate_texts
 from loragen.evaluation.results import result_entry, sample_rows, write_results
@@ -50,8 +50,7 @@ def run(cfg: DictConfig) -> dict:
     if multitask and int(cfg.train.eval_every) > 0:
         raise ConfigError("lora.datasets (a multi-task LoRA) has no one held-out split for periodic evaluations: "
                           "use train.eval_every=0 (the final evaluation scores every dataset's held-out split)")
-    data_kw = dict(data_dir=cfg.paths.data_dir, seed=cfg.seed, skip_invalid=cfg.data.skip_invalid,
-                   hash_train_fraction=cfg.data.hash_train_fraction)
+    data_kw = data_options(cfg)
 
     # setup
     accelerator = make_accelerator(cfg)
@@ -223,7 +222,7 @@ def active(model, label: str, path: str | None):
 def score(model, lm, split: LoadedSplit, cfg: DictConfig, accelerator, label: str, path: str | None,
           generation: GenerationSettings):
     with active(model, label, path):
-        if is_text(split):
+        if split.is_text:
             return evaluate_texts(model, lm.tokenizer, lm.kind, split.records, generation=generation,
                                   batch_size=int(cfg.hardware.eval_batch_size), language=split.meta.get("language"),
                                   accelerator=accelerator, desc=f"eval {label}")
@@ -241,7 +240,7 @@ def make_eval_fn(lm, split: LoadedSplit, cfg: DictConfig, accelerator, objective
         metrics: dict[str, float] = {}
         if with_loss:
             metrics["eval_loss"] = mean_loss(model, objective, split.records, batch_size=batch_size, accelerator=accelerator)
-        if not is_text(split):
+        if not split.is_text:
             o = evaluate_records(model, lm.tokenizer, lm.kind, split.records, batch_size=batch_size,
                                  accelerator=accelerator, desc="eval", has_acc_norm=split.has_acc_norm)
             metrics["eval_acc"] = o.acc
@@ -254,10 +253,6 @@ def make_eval_fn(lm, split: LoadedSplit, cfg: DictConfig, accelerator, objective
         return metrics
 
     return eval_fn
-
-
-def is_text(split: LoadedSplit) -> bool:
-    return isinstance(split.records[0], TextRecord)
 
 
 def log_entry(dataset: str, split: str, e: dict) -> None:

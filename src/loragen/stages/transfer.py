@@ -61,9 +61,9 @@ def transfer_settings(t: DictConfig) -> TransferSettings:
 
 
 def source_model_config(name: str) -> DictConfig:
-    from loragen.cli import _conf_dir
+    from loragen.config_dir import conf_dir
 
-    models = Path(_conf_dir()) / "model"
+    models = Path(conf_dir()) / "model"
     path = models / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"transfer.source_model={name!r}: no {path}; valid: {sorted(p.stem for p in models.glob('*.yaml'))}")

@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from loragen import runtime
 from loragen.errors import ConfigError, LoragenError
+from loragen.tracking import NullTracker
 from loragen.train import state as st
 from loragen.train.batches import StepBatches
 from loragen.train.checkpoints import BestCheckpoint, Checkpointer
@@ -123,7 +124,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
         acc.wait_for_everyone()
 
     ddp_model, wrapped_optimizer = acc.prepare(model, optimizer)  # the scheduler steps once per update: ours
-    tracker = tracker or _NoTracker()
+    tracker = tracker or NullTracker()
     max_steps, status = int(tc.max_steps), "completed"
     if start >= max_steps:
         return FitResult(start, status, history, resumed_from)
@@ -247,10 +248,3 @@ def _train_fingerprint(tc: DictConfig) -> dict:
     """The train keys that change the trajectory (not resume, logging, eval or state-saving cadence)."""
     skip = {"resume", "log_every", "eval_every", "save_state_every"}
     return {k: v for k, v in OmegaConf.to_container(tc, resolve=True).items() if k not in skip}
-
-
-class _NoTracker:
-    def log(self, metrics: dict, step: int | None = None) -> None:
-        pass
-
-
