@@ -77,11 +77,3 @@ def run_stage_in_process(overrides: list[str], run_dir=None) -> dict:
         return run_stage(cfg)
     finally:
         HydraConfig.instance().cfg = None
-
-
-# Tiny dnd-recipe step overrides shared by the pipeline end-to-end tests (whole datasets and sub-tasks).
-TINY_DND_GENERATOR = ('["generator.num_prompts=4","generator.prompt_len=16","generator.prompt_pool=16",'
-                      '"generator.features=[[4,16,384],[8,8,64],[144,10,66]]"]')
-TINY_DND_GENERATOR_TRAIN = '["train.max_steps=4","train.eval_every=2","train.per_device_batch=2","generator.eval_adapters=1"]'
-TINY_DND_LORA = ('["train.max_steps=4","ckpt.every=2","train.per_device_batch=4","lora.train_limit=16","lora.eval_limit=8",'
-                 '"lora.final_eval_limit=8","lora.eval_base=false"]')

@@ -8,7 +8,7 @@ from hydra import initialize_config_dir
 from loragen import io
 from loragen.errors import ConfigError
 from loragen.pipeline.engine import Step, quote, run_steps
-from tests.conftest import CONF, TINY_DND_GENERATOR, TINY_DND_GENERATOR_TRAIN, TINY_DND_LORA, run_cli
+from tests.conftest import CONF, run_cli
 
 
 class Recorder:
@@ -119,11 +119,7 @@ def test_dnd_recipe_end_to_end(tmp_path):
     """lora x3 -> tokenize -> generator (one held out) -> generate -> evaluate -> table, tiny settings; with the
     multi-task LoRA baseline and a task-objective generator beside the reconstruction one."""
     run = tmp_path / "dnd"
-    gen, gen_train, lora = TINY_DND_GENERATOR, TINY_DND_GENERATOR_TRAIN, TINY_DND_LORA
-    args = ["experiment=dnd_minilm", f"hydra.run.dir={run}", "pipeline.dnd.datasets=[arc_easy,arc_challenge,piqa]",
-            "pipeline.dnd.heldout=[piqa]", "pipeline.dnd.num_generated=2", f"pipeline.dnd.lora_overrides={lora}",
-            f"pipeline.dnd.generator_overrides={gen}", f"pipeline.dnd.generator_train_overrides={gen_train}",
-            'pipeline.dnd.eval_overrides=["eval.limit=30"]', "pipeline.dnd.multitask=true", TASK_VARIANT,
+    args = ["experiment=dnd_minilm", "+debug=tiny", f"hydra.run.dir={run}", "pipeline.dnd.multitask=true", TASK_VARIANT,
             f"paths.cache_dir={tmp_path / 'cache'}"]
     dry = run_cli([*args, "pipeline.dry_run=true"]).stdout
     assert "multitask/arc_easy+arc_challenge" in dry and "generator-task/piqa" in dry and "generate-task/piqa" in dry

@@ -17,9 +17,6 @@ from loragen.pipeline import dnd, engine
 from tests.conftest import (
     CONF,
     DATA_DIR,
-    TINY_DND_GENERATOR,
-    TINY_DND_GENERATOR_TRAIN,
-    TINY_DND_LORA,
     compose,
     run_cli,
     run_stage_in_process,
@@ -254,12 +251,8 @@ def test_dry_run_lists_steps(tmp_path):
 def test_dnd_recipe_with_subtasks_end_to_end(tmp_path):
     """Tiny settings: ARC-Easy in two exam groups, ARC-Challenge whole, PIQA held out."""
     run = tmp_path / "dnd"
-    gen, gen_train, lora = TINY_DND_GENERATOR, TINY_DND_GENERATOR_TRAIN, TINY_DND_LORA
-    run_cli(["experiment=dnd_minilm_subtasks", f"hydra.run.dir={run}", "pipeline.dnd.datasets=[arc_easy,arc_challenge,piqa]",
-             "pipeline.dnd.heldout=[piqa]", "dataset.members.arc_easy.subtasks.min_size=300",
-             "dataset.members.arc_challenge.subtasks.by=null", "pipeline.dnd.num_generated=2",
-             f"pipeline.dnd.lora_overrides={lora}", f"pipeline.dnd.generator_overrides={gen}",
-             f"pipeline.dnd.generator_train_overrides={gen_train}", 'pipeline.dnd.eval_overrides=["eval.limit=30"]',
+    run_cli(["experiment=dnd_minilm_subtasks", "+debug=tiny", f"hydra.run.dir={run}",
+             "dataset.members.arc_easy.subtasks.min_size=300", "dataset.members.arc_challenge.subtasks.by=null",
              f"paths.cache_dir={tmp_path / 'cache'}"])
     trainer = json.loads((run / "lora" / "arc_easy@other" / "state" / "trainer.json").read_text())
     assert trainer["fingerprint"]["dataset"] == "arc_easy@other"

@@ -19,13 +19,15 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from loragen import fingerprint as fp
 from loragen import io, runtime
 from loragen.errors import ConfigError
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "fingerprint.json"
-# Keys that do not change what a step computes.
-IGNORED_KEYS = ("tracker", "paths.cache_dir")
+# Before the content fingerprints (loragen.fingerprint), a step's fingerprint hashed its whole config but these;
+# a finished step recorded that way is still recognised (and its record upgraded) rather than redone.
+LEGACY_IGNORED_KEYS = ("tracker", "paths.cache_dir")
 
 
 @dataclass
@@ -71,9 +73,15 @@ def compose_step(step: Step, shared: list[str]) -> DictConfig:
         raise ConfigError(f"pipeline step {step.name}: cannot compose its config ({e})") from None
 
 
-def fingerprint(cfg: DictConfig, dep_prints: Iterable[str]) -> str:
+def fingerprint(cfg: DictConfig, dep_prints: Iterable[str]) -> tuple[str, dict]:
+    """(hash, content): the step's result-affecting config, its data by content and its dependencies' hashes."""
+    content = {**fp.step_content(cfg), "deps": sorted(dep_prints)}
+    return fp.digest(content), content
+
+
+def legacy_fingerprint(cfg: DictConfig, dep_prints: Iterable[str]) -> str:
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in IGNORED_KEYS:
+    for key in LEGACY_IGNORED_KEYS:
         head, *rest = key.split(".")
         if rest and head in data:
             data[head].pop(rest[0], None)
@@ -92,7 +100,10 @@ def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict
     Returns {step name: {"status": "done" | "skipped", "dir": str, "fingerprint": str}}.
     """
     _check_deps(steps)
+    if steps:
+        fp.check_data_source(compose_step(steps[0], shared))
     status: dict[str, dict] = {}
+    moved: list[str] = []
     pending = list(steps)
     while pending:
         wave = [s for s in pending if all(d in status for d in s.deps)]
@@ -100,30 +111,41 @@ def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict
         todo = []
         for step in wave:
             cfg = compose_step(step, shared)
-            fp = fingerprint(cfg, [status[d]["fingerprint"] for d in step.deps])
+            digest, content = fingerprint(cfg, [status[d]["fingerprint"] for d in step.deps])
+            legacy = legacy_fingerprint(cfg, [status[d].get("legacy", status[d]["fingerprint"]) for d in step.deps])
             step_dir = root / step.name
-            recorded = _read_fingerprint(step_dir)
-            if recorded == fp and all((step_dir / o).exists() for o in step.outputs):
-                log.info("step %-28s skipped (done, fingerprint %s)", step.name, fp)
-                status[step.name] = {"status": "skipped", "dir": str(step_dir), "fingerprint": fp}
+            recorded = _read_record(step_dir)
+            done = all((step_dir / o).exists() for o in step.outputs)
+            if recorded and done and (recorded.get("fingerprint") == digest or
+                                      ("content" not in recorded and recorded.get("fingerprint") == legacy)):
+                if recorded.get("fingerprint") != digest and runtime.is_main():  # a legacy record: upgrade it
+                    io.write_json(step_dir / FINGERPRINT, {**recorded, "fingerprint": digest, "content": content,
+                                                           "legacy": legacy})
+                log.info("step %-28s skipped (done, fingerprint %s)", step.name, digest)
+                status[step.name] = {"status": "skipped", "dir": str(step_dir), "fingerprint": digest, "legacy": legacy}
                 continue
-            if recorded is not None and recorded != fp:
+            if recorded and "fingerprint" in recorded and recorded["fingerprint"] not in (digest, legacy):
+                why = fp.changed_keys(recorded["content"], content) if "content" in recorded else \
+                    ["(recorded before content fingerprints: its config differs)"]
                 stale = _stale_name(step_dir)
                 step_dir.rename(stale)
-                log.info("step %-28s config changed: old outputs moved to %s", step.name, stale)
-            todo.append((step, cfg, step_dir, fp))
+                moved.append(f"{step.name} -> {stale.name} ({'; '.join(why[:6])}{' ...' if len(why) > 6 else ''})")
+                log.info("step %-28s changed (%s): old outputs moved to %s", step.name, "; ".join(why[:6]), stale)
+            todo.append((step, cfg, step_dir, digest, content, legacy))
         t0 = time.perf_counter()
         if len(todo) > 1 and hasattr(execute, "run_many"):
             log.info("steps %s submitted together", ", ".join(t[0].name for t in todo))
-            execute.run_many([(step, cfg, step_dir) for step, cfg, step_dir, _ in todo])
-            for step, _, step_dir, fp in todo:
-                status[step.name] = _finish(step, step_dir, fp, time.perf_counter() - t0)
+            execute.run_many([(step, cfg, step_dir) for step, cfg, step_dir, *_ in todo])
+            for step, _, step_dir, digest, content, legacy in todo:
+                status[step.name] = _finish(step, step_dir, digest, content, legacy, time.perf_counter() - t0)
         else:
-            for step, cfg, step_dir, fp in todo:
+            for step, cfg, step_dir, digest, content, legacy in todo:
                 log.info("step %-28s running in %s", step.name, step_dir)
                 t0 = time.perf_counter()
                 execute(step, cfg, step_dir)
-                status[step.name] = _finish(step, step_dir, fp, time.perf_counter() - t0)
+                status[step.name] = _finish(step, step_dir, digest, content, legacy, time.perf_counter() - t0)
+    if moved:
+        log.info("moved aside in this run (kept, not deleted):\n  %s", "\n  ".join(moved))
     return status
 
 
@@ -144,14 +166,14 @@ def _check_deps(steps: list[Step]) -> None:
             raise ConfigError(f"pipeline step {step.name} depends on {unknown}, which no step defines")
 
 
-def _finish(step: Step, step_dir: Path, fp: str, seconds: float) -> dict:
+def _finish(step: Step, step_dir: Path, digest: str, content: dict, legacy: str, seconds: float) -> dict:
     missing = [o for o in step.outputs if not (step_dir / o).exists()]
     if missing:
         raise ConfigError(f"pipeline step {step.name} finished without its outputs {missing} in {step_dir}")
     if runtime.is_main():
-        io.write_json(step_dir / FINGERPRINT, {"fingerprint": fp, "deps": step.deps, "overrides": step.overrides,
-                                               "seconds": round(seconds, 1)})
-    return {"status": "done", "dir": str(step_dir), "fingerprint": fp}
+        io.write_json(step_dir / FINGERPRINT, {"fingerprint": digest, "deps": step.deps, "overrides": step.overrides,
+                                               "seconds": round(seconds, 1), "content": content, "legacy": legacy})
+    return {"status": "done", "dir": str(step_dir), "fingerprint": digest, "legacy": legacy}
 
 
 def run_in_process(step: Step, cfg: DictConfig, step_dir: Path) -> None:
@@ -164,11 +186,13 @@ def run_in_process(step: Step, cfg: DictConfig, step_dir: Path) -> None:
         run_stage(cfg)
 
 
-def _read_fingerprint(step_dir: Path) -> str | None:
+def _read_record(step_dir: Path) -> dict | None:
+    """The step's fingerprint.json (None: the step never finished, or the record is unreadable)."""
     path = step_dir / FINGERPRINT
     if not path.is_file():
         return None
     try:
-        return io.read_json(path)["fingerprint"]
-    except (ValueError, KeyError):
+        record = io.read_json(path)
+    except ValueError:
         return None
+    return record if isinstance(record, dict) and "fingerprint" in record else None

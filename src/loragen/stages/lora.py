@@ -28,6 +28,7 @@ from loragen.data.registry import LoadedSplit, data_options, heldout_split
 from loragen.errors import ConfigError
 from loragen.evaluation import GenerationSettings, TextEvalOutcome, evaluate_records, evaluate_texts
 from loragen.evaluation.results import result_entry, sample_rows, write_results
+from loragen.fingerprint import TRAJECTORY_NEUTRAL, strip
 from loragen.lora.adapter_io import write_adapter
 from loragen.lora.init import attach_lora
 from loragen.lora.snapshot import AdapterSnapshot
@@ -266,10 +267,9 @@ def log_entry(dataset: str, split: str, e: dict) -> None:
 def fingerprint(cfg: DictConfig, specs: list[DictConfig]) -> dict:
     """What makes a training trajectory: resuming with any of these changed is refused."""
     spec = specs[0]
-    lora = OmegaConf.to_container(cfg.lora, resolve=True)
-    for k in ("eval_limit", "final_eval_limit", "eval_base", "eval_generate"):
-        lora.pop(k)
-    lora["generation"] = {k: lora["generation"][k] for k in ("chat_template", "system")}  # the rest is decoding only
+    lora = strip(OmegaConf.to_container(cfg.lora, resolve=True), TRAJECTORY_NEUTRAL, prefix="lora")
+    if lora.get("datasets") is None:
+        lora.pop("datasets", None)  # single-dataset runs keep the fingerprint they had before lora.datasets existed
     task = subtasks.task_name(spec.name, subtasks.selected(spec))  # <dataset>@<group> when one sub-task
     if len(specs) > 1:
         task = "+".join(s.name for s in specs)

@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from loragen import runtime
 from loragen.errors import ConfigError, LoragenError
+from loragen.fingerprint import TRAJECTORY_NEUTRAL, strip
 from loragen.tracking import NullTracker
 from loragen.train import state as st
 from loragen.train.batches import StepBatches
@@ -246,5 +247,4 @@ def _gather_objects(acc, obj: Any) -> list:
 
 def _train_fingerprint(tc: DictConfig) -> dict:
     """The train keys that change the trajectory (not resume, logging, eval or state-saving cadence)."""
-    skip = {"resume", "log_every", "eval_every", "save_state_every"}
-    return {k: v for k, v in OmegaConf.to_container(tc, resolve=True).items() if k not in skip}
+    return strip(OmegaConf.to_container(tc, resolve=True), TRAJECTORY_NEUTRAL, prefix="train")
