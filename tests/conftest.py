@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+import loragen  # noqa: F401  (registers the typed config schemas before any compose)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATA = (ROOT / ".." / "shared" / "data" / "commonsense").resolve()

@@ -40,6 +40,6 @@ def provenance(cfg: DictConfig, data_sha256: dict[str, str | None] | None = None
         "git_sha": git_sha(),
         "versions": versions(),
         "data_sha256": data_sha256 or {},
-        "seed": int(cfg.seed),
+        "seed": cfg.seed,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -43,10 +43,11 @@ class FunctionalLoRA:
     def __init__(self, lm: LoadedModel, layout: Layout, objective: Objective, init_seed: int = 0):
         from loragen.stages.lora import disable_dropout
 
-        cfg = layout.adapter_config
+        adapter_config = layout.adapter_config
+        r = int(adapter_config["r"])
         disable_dropout(lm.model)
-        self.peft = attach_lora(lm.model, r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])), dropout=0.0,
-                                target_modules=sorted(cfg["target_modules"]), init_seed=init_seed)
+        self.peft = attach_lora(lm.model, r=r, alpha=float(adapter_config.get("lora_alpha", r)), dropout=0.0,
+                                target_modules=sorted(adapter_config["target_modules"]), init_seed=init_seed)
         for p in self.peft.parameters():
             p.requires_grad_(False)
         self.peft.eval()

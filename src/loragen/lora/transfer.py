@@ -342,11 +342,11 @@ def transfer_adapter(adapter: Adapter, source: ModelWeights, target: ModelWeight
 
 def target_config(source_config: dict, targets: list[str], base_path: str) -> dict:
     """The source adapter's config for the target: exact module names, lora_alpha = r (scale 1)."""
-    cfg = json.loads(json.dumps(source_config))
-    r = int(cfg["r"])
-    cfg.update(target_modules=sorted(targets), lora_alpha=r, use_rslora=False, base_model_name_or_path=base_path,
-               layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={})
-    return cfg
+    config = json.loads(json.dumps(source_config))
+    r = int(config["r"])
+    config.update(target_modules=sorted(targets), lora_alpha=r, use_rslora=False, base_model_name_or_path=base_path,
+                  layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={})
+    return config
 
 
 def require_some(result: TransferResult, threshold: float) -> None:

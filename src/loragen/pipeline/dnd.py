@@ -146,7 +146,7 @@ def _generated(cfg: DictConfig, root: Path, h: str, v: str | None) -> dict[str, 
     """{generated[-<v>]/gen-XXX: dir} of the generate step of variant v (None: the reconstruction generator)."""
     role, step = ("generated", "generate") if v is None else (f"generated-{v}", f"generate-{v}")
     return {f"{role}/gen-{i:03d}": str(root / step / h / "adapters" / f"gen-{i:03d}")
-            for i in range(int(cfg.pipeline.dnd.num_generated))}
+            for i in range(cfg.pipeline.dnd.num_generated)}
 
 
 def _datasets_other_than(cfg: DictConfig, h: str) -> list[str]:
@@ -322,12 +322,12 @@ def table(cfg: DictConfig, root: Path) -> list[dict]:
         row: dict = {"heldout": h, "split": sc.split, "n": sc.n, "base": sc.acc["base"]}
         for role in ("oracle", *BASELINES):
             row[role] = sc.acc[role]
-            row[f"{role}_diff"] = paired_bootstrap(base, [sc.docs[role][i] for i in sc.docs["base"]], seed=int(cfg.seed))
+            row[f"{role}_diff"] = paired_bootstrap(base, [sc.docs[role][i] for i in sc.docs["base"]], seed=cfg.seed)
         row["generated"] = sc.acc["generated"]
         row["generated_sd"] = statistics.stdev(sc.generated) if len(sc.generated) > 1 else 0.0
         row["generated_k"] = len(sc.generated)
         row["generated_diff"] = paired_bootstrap(base, [sc.docs["generated"][i] for i in sc.docs["base"]],
-                                                 seed=int(cfg.seed))
+                                                 seed=cfg.seed)
         nearest_info = io.read_json(root / "generator" / h / "baselines" / "nearest" / "baseline.json")
         row["nearest_dataset"] = nearest_info.get("nearest")
         row["train_tasks"] = len(io.read_json(root / "generator" / h / "metrics.json")["datasets"])
@@ -341,7 +341,7 @@ def _against_multitask(cfg: DictConfig, root: Path, h: str, sc: HeldoutScores) -
     generated - multitask, each with its paired-bootstrap interval over documents."""
     ids = list(sc.docs["base"])
     base = [sc.docs["base"][i] for i in ids]
-    seed = int(cfg.seed)
+    seed = cfg.seed
     out: dict = {}
     mt = [sc.docs["multitask"][i] for i in ids] if "multitask" in sc.docs else None
     if mt is not None:

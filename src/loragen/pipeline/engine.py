@@ -65,22 +65,30 @@ def shared_overrides(cfg: DictConfig) -> list[str]:
 
 
 def compose_step(step: Step, shared: list[str]) -> DictConfig:
+    """The step's config, composed and validated (loragen.stages.checks) as its stage will see it."""
     from hydra import compose
 
+    from loragen.stages.checks import validate
+
     try:
-        return compose(config_name="config", overrides=shared + step.overrides)
+        cfg = compose(config_name="config", overrides=shared + step.overrides)
     except Exception as e:  # noqa: BLE001 - Hydra's own message says what is wrong
         raise ConfigError(f"pipeline step {step.name}: cannot compose its config ({e})") from None
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"pipeline step {step.name}: {e}") from None
+    return cfg
 
 
-def fingerprint(cfg: DictConfig, dep_prints: Iterable[str]) -> tuple[str, dict]:
+def fingerprint(step_cfg: DictConfig, dep_prints: Iterable[str]) -> tuple[str, dict]:
     """(hash, content): the step's result-affecting config, its data by content and its dependencies' hashes."""
-    content = {**fp.step_content(cfg), "deps": sorted(dep_prints)}
+    content = {**fp.step_content(step_cfg), "deps": sorted(dep_prints)}
     return fp.digest(content), content
 
 
-def legacy_fingerprint(cfg: DictConfig, dep_prints: Iterable[str]) -> str:
-    data = OmegaConf.to_container(cfg, resolve=True)
+def legacy_fingerprint(step_cfg: DictConfig, dep_prints: Iterable[str]) -> str:
+    data = OmegaConf.to_container(step_cfg, resolve=True)
     for key in LEGACY_IGNORED_KEYS:
         head, *rest = key.split(".")
         if rest and head in data:
@@ -100,8 +108,9 @@ def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict
     Returns {step name: {"status": "done" | "skipped", "dir": str, "fingerprint": str}}.
     """
     _check_deps(steps)
+    configs = {s.name: compose_step(s, shared) for s in steps}  # every step checked before any runs or is submitted
     if steps:
-        fp.check_data_source(compose_step(steps[0], shared))
+        fp.check_data_source(configs[steps[0].name])
     status: dict[str, dict] = {}
     moved: list[str] = []
     pending = list(steps)
@@ -110,9 +119,9 @@ def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict
         pending = [s for s in pending if s not in wave]
         todo = []
         for step in wave:
-            cfg = compose_step(step, shared)
-            digest, content = fingerprint(cfg, [status[d]["fingerprint"] for d in step.deps])
-            legacy = legacy_fingerprint(cfg, [status[d].get("legacy", status[d]["fingerprint"]) for d in step.deps])
+            step_cfg = configs[step.name]
+            digest, content = fingerprint(step_cfg, [status[d]["fingerprint"] for d in step.deps])
+            legacy = legacy_fingerprint(step_cfg, [status[d].get("legacy", status[d]["fingerprint"]) for d in step.deps])
             step_dir = root / step.name
             recorded = _read_record(step_dir)
             done = all((step_dir / o).exists() for o in step.outputs)
@@ -131,7 +140,7 @@ def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict
                 step_dir.rename(stale)
                 moved.append(f"{step.name} -> {stale.name} ({'; '.join(why[:6])}{' ...' if len(why) > 6 else ''})")
                 log.info("step %-28s changed (%s): old outputs moved to %s", step.name, "; ".join(why[:6]), stale)
-            todo.append((step, cfg, step_dir, digest, content, legacy))
+            todo.append((step, step_cfg, step_dir, digest, content, legacy))
         t0 = time.perf_counter()
         if len(todo) > 1 and hasattr(execute, "run_many"):
             log.info("steps %s submitted together", ", ".join(t[0].name for t in todo))

@@ -15,8 +15,13 @@ STAGES = ("data", "lora", "tokenize", "generator", "generate", "evaluate", "tran
 def run_stage(cfg: DictConfig) -> dict:
     """Run the stage named by cfg.stage.name in-process and return its results."""
     name = cfg.stage.name
+    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
+        raise LoragenError(f"seed={cfg.get('seed')!r}; expected an integer")
     if name not in STAGES:
         raise LoragenError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
+    from loragen.stages.checks import validate
+
+    validate(cfg)  # value ranges and cross-key rules, before anything loads
     try:
         module = importlib.import_module(f"loragen.stages.{name}")
     except ModuleNotFoundError as e:

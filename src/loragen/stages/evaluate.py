@@ -80,10 +80,10 @@ def evaluate_split(cfg: DictConfig, model, lm, split: LoadedSplit, generation: G
                    desc: str) -> EvalOutcome | TextEvalOutcome:
     if split.is_text:
         return evaluate_texts(model, lm.tokenizer, lm.kind, split.records, generation=generation,
-                              batch_size=int(cfg.eval.batch_size), language=split.meta.get("language"),
+                              batch_size=cfg.eval.batch_size, language=split.meta.get("language"),
                               accelerator=accelerator, desc=desc)
-    letters = replace(generation, max_new_tokens=int(cfg.eval.generation.letter_max_new_tokens))
-    return evaluate_records(model, lm.tokenizer, lm.kind, split.records, batch_size=int(cfg.eval.batch_size),
+    letters = replace(generation, max_new_tokens=cfg.eval.generation.letter_max_new_tokens)
+    return evaluate_records(model, lm.tokenizer, lm.kind, split.records, batch_size=cfg.eval.batch_size,
                             accelerator=accelerator, desc=desc, has_acc_norm=split.has_acc_norm,
                             method=cfg.eval.method, generation=letters)
 
@@ -107,7 +107,7 @@ def load_eval_splits(cfg: DictConfig) -> list[LoadedSplit]:
         )
         if cfg.eval.num_fewshot and not split.is_text:
             pool = load_split(spec, cfg.eval.fewshot_split or spec.train_split, **data_options(cfg))
-            split = _replace_records(split, with_fewshot(split.records, pool.records, int(cfg.eval.num_fewshot), cfg.seed))
+            split = _replace_records(split, with_fewshot(split.records, pool.records, cfg.eval.num_fewshot, cfg.seed))
         splits.append(split)
     return splits
 

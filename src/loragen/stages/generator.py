@@ -94,11 +94,11 @@ def run(cfg: DictConfig) -> dict:
     base = None
     if gen_cfg["residual"]:
         base = flora.init_tokens() if objective == "task" else mean_checkpoint(tasks)
-    torch.manual_seed(int(cfg.train.seed))  # the init depends on the seed alone, not on what ran before
+    torch.manual_seed(cfg.train.seed)  # the init depends on the seed alone, not on what ran before
     model = HyperConvDecoder(gen_cfg["features"], gen_cfg["kernel_size"], base=base)
     weights = token_weights(mean_token_std(tasks)) if needs_targets else None
     samples = PairSamples(tasks, int(g.num_prompts), noise_cond=float(g.noise_cond),
-                          noise_target=float(g.noise_target), seed=int(cfg.train.seed), targets=needs_targets,
+                          noise_target=float(g.noise_target), seed=cfg.train.seed, targets=needs_targets,
                           task_batch=int(g.task.batch_size) if flora is not None else 0)
     log.info("generator: %.2fM parameters, objective %s, conditioned on %s; training on %d tasks %s%s",
              sum(p.numel() for p in model.parameters()) / 1e6, objective, condition, len(names), names,
@@ -106,7 +106,7 @@ def run(cfg: DictConfig) -> dict:
 
     def recon_loss(pred: torch.Tensor, batch: dict) -> torch.Tensor:
         return token_loss(pred, batch["target"].to(pred.device), mask.to(pred.device), weights.to(pred.device),
-                          mse_weight=float(cfg.loss.mse_weight), l1_weight=float(cfg.loss.l1_weight))
+                          mse_weight=cfg.loss.mse_weight, l1_weight=cfg.loss.l1_weight)
 
     def task_loss(pred: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int]:
         total, units = pred.new_zeros(()), 0
@@ -123,14 +123,14 @@ def run(cfg: DictConfig) -> dict:
         if objective == "task":
             return task_loss(pred, batch)
         total, units = task_loss(pred, batch)
-        mixed = float(cfg.loss.recon_weight) * recon_loss(pred, batch) + float(cfg.loss.task_weight) * total / units
+        mixed = cfg.loss.recon_weight * recon_loss(pred, batch) + cfg.loss.task_weight * total / units
         return mixed * n, n
 
     # loop: the one training loop, with reconstruction errors (or the task loss) as its evaluation
-    eval_batches = _eval_batches(tasks, held, int(g.num_prompts), int(g.eval_adapters), int(cfg.seed))
+    eval_batches = _eval_batches(tasks, held, int(g.num_prompts), int(g.eval_adapters), cfg.seed)
     can_reconstruct = all(t.tokens is not None for t in tasks)
     evaluate = (lambda m: reconstruction(m, eval_batches, mask, layout)) if can_reconstruct else \
-        (lambda m: train_task_loss(m, eval_batches, flora, samples.task_batch, int(cfg.seed)))
+        (lambda m: train_task_loss(m, eval_batches, flora, samples.task_batch, cfg.seed))
     tracker = make_tracker(cfg, out, acc.is_main_process)
     collate_fn = labeled_collate(flora.objective.collate) if flora is not None else collate
     result = fit(model, loss_fn, samples, collate_fn, cfg.train, accelerator=acc, state_dir=out / "state",
@@ -170,7 +170,7 @@ def check_objective(cfg: DictConfig) -> tuple[str, str]:
             raise ConfigError(f"generator.task.batch_size={g.task.batch_size}; expected >= 1 labeled records a sample")
         if float(g.task.temperature) <= 0:
             raise ConfigError(f"generator.task.temperature={g.task.temperature}; expected > 0")
-    if objective == "mix" and min(float(cfg.loss.recon_weight), float(cfg.loss.task_weight)) < 0:
+    if objective == "mix" and min(cfg.loss.recon_weight, cfg.loss.task_weight) < 0:
         raise ConfigError(f"loss.recon_weight={cfg.loss.recon_weight}, loss.task_weight={cfg.loss.task_weight}; "
                           "expected weights >= 0")
     return objective, condition
@@ -215,7 +215,7 @@ def load_task(cfg: DictConfig, name: str, tokens: TokenSet | None, cache: Prompt
     if condition == "description":
         prompts, split = descriptions(cfg, name), DESCRIPTION
     else:
-        prompts = prompt_pool(dataset_prompts(cfg, name, split), int(cfg.generator.prompt_pool), int(cfg.seed))
+        prompts = prompt_pool(dataset_prompts(cfg, name, split), cfg.generator.prompt_pool, cfg.seed)
     token_dir = str(token_dir_of(cfg.generator.tokens, name)) if tokens is not None else None
     return Task(name, tokens, prompts, cache.states(prompts), split, token_dir)
 

@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
     specs = training_specs(cfg)
     spec = specs[0]
     multitask = len(specs) > 1
-    if multitask and int(cfg.train.eval_every) > 0:
+    if multitask and cfg.train.eval_every > 0:
         raise ConfigError("lora.datasets (a multi-task LoRA) has no one held-out split for periodic evaluations: "
                           "use train.eval_every=0 (the final evaluation scores every dataset's held-out split)")
     data_kw = data_options(cfg)
@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> dict:
     accelerator = make_accelerator(cfg)
     if multitask:
         parts = [load_split(s, str(s.train_split), limit=cfg.lora.train_limit, **data_kw) for s in specs]
-        train_split = mixture(parts, int(cfg.train.max_steps) * global_batch(cfg, accelerator), int(cfg.train.seed))
+        train_split = mixture(parts, cfg.train.max_steps * global_batch(cfg, accelerator), cfg.train.seed)
     else:
         train_split = subtasks.restrict(spec, load_split(spec, str(spec.train_split), **data_kw), cfg.paths,
                                         limit=cfg.lora.train_limit)  # dataset.subtasks.select: one sub-task
@@ -67,20 +67,20 @@ def run(cfg: DictConfig) -> dict:
     lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device)
     if not cfg.lora.base_dropout:
         disable_dropout(lm.model)
-    model = attach_lora(lm.model, r=int(cfg.lora.r), alpha=float(cfg.lora.alpha), dropout=float(cfg.lora.dropout),
-                        target_modules=list(cfg.lora.target_modules), init_seed=int(cfg.lora.init_seed))
-    objective = make_objective(lm.kind, lm.tokenizer, max_length=int(cfg.lora.max_length),
-                               temperature=float(cfg.lora.temperature), record_type=record_type,
+    model = attach_lora(lm.model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                        target_modules=list(cfg.lora.target_modules), init_seed=cfg.lora.init_seed)
+    objective = make_objective(lm.kind, lm.tokenizer, max_length=cfg.lora.max_length,
+                               temperature=cfg.lora.temperature, record_type=record_type,
                                chat_template=generation.chat_template, system=generation.system)
-    checkpointer = Checkpointer(out / "checkpoints", AdapterSnapshot(model).deferred_write, every=int(cfg.ckpt.every),
-                                start_step=int(cfg.ckpt.start_step), keep_last=cfg.ckpt.keep_last,
+    checkpointer = Checkpointer(out / "checkpoints", AdapterSnapshot(model).deferred_write, every=cfg.ckpt.every,
+                                start_step=cfg.ckpt.start_step, keep_last=cfg.ckpt.keep_last,
                                 is_main=accelerator.is_main_process)
     best = None
     if cfg.ckpt.best_metric:
         best = BestCheckpoint(out, lambda path: save_adapter(model, path), metric=str(cfg.ckpt.best_metric),
                               mode=cfg.ckpt.best_mode, is_main=accelerator.is_main_process)
     eval_fn = None
-    if int(cfg.train.eval_every) > 0:
+    if cfg.train.eval_every > 0:
         slice_ = load_split(spec, held_name, limit=cfg.lora.eval_limit, **data_kw)
         eval_fn = make_eval_fn(lm, slice_, cfg, accelerator, objective, generation,
                                with_loss=record_type is TextRecord or (best is not None and best.metric == "loss"))
@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
 
     # train
     result = fit(model, objective.loss, train_split.records, objective.collate, cfg.train, accelerator=accelerator,
-                 state_dir=out / "state", fingerprint=fingerprint(cfg, specs), tracker=tracker, eval_fn=eval_fn,
+                 state_dir=out / "state", fingerprint=trajectory_id(cfg, specs), tracker=tracker, eval_fn=eval_fn,
                  checkpointer=checkpointer, data_name=f"dataset {train_split.dataset} split {spec.train_split!r}",
                  best=best)
     if result.status == "preempted":
@@ -114,7 +114,7 @@ def run(cfg: DictConfig) -> dict:
             if isinstance(outcome, TextEvalOutcome):
                 with active(model, label, path):
                     entry["loss"] = mean_loss(model, objective, held.records,
-                                              batch_size=int(cfg.hardware.eval_batch_size), accelerator=accelerator)
+                                              batch_size=cfg.hardware.eval_batch_size, accelerator=accelerator)
             entries.append(entry)
             samples += sample_rows(label, held.dataset, outcome)
             log_entry(held.dataset, held.split, entry)
@@ -174,7 +174,7 @@ def training_specs(cfg: DictConfig) -> list[DictConfig]:
 
 
 def global_batch(cfg: DictConfig, accelerator) -> int:
-    return int(cfg.train.per_device_batch) * accelerator.num_processes * int(cfg.train.grad_accum)
+    return cfg.train.per_device_batch * accelerator.num_processes * cfg.train.grad_accum
 
 
 def mixture(parts: list[LoadedSplit], length: int, seed: int) -> LoadedSplit:
@@ -225,9 +225,9 @@ def score(model, lm, split: LoadedSplit, cfg: DictConfig, accelerator, label: st
     with active(model, label, path):
         if split.is_text:
             return evaluate_texts(model, lm.tokenizer, lm.kind, split.records, generation=generation,
-                                  batch_size=int(cfg.hardware.eval_batch_size), language=split.meta.get("language"),
+                                  batch_size=cfg.hardware.eval_batch_size, language=split.meta.get("language"),
                                   accelerator=accelerator, desc=f"eval {label}")
-        return evaluate_records(model, lm.tokenizer, lm.kind, split.records, batch_size=int(cfg.hardware.eval_batch_size),
+        return evaluate_records(model, lm.tokenizer, lm.kind, split.records, batch_size=cfg.hardware.eval_batch_size,
                                 accelerator=accelerator, desc=f"eval {label}", has_acc_norm=split.has_acc_norm)
 
 
@@ -235,7 +235,7 @@ def make_eval_fn(lm, split: LoadedSplit, cfg: DictConfig, accelerator, objective
                  generation: GenerationSettings, *, with_loss: bool):
     """Periodic evaluation on the held-out slice: eval_loss (prompt -> text data, or when it picks the best
     checkpoint), eval_acc (multiple choice), text metrics (prompt -> text data with lora.eval_generate)."""
-    batch_size = int(cfg.hardware.eval_batch_size)
+    batch_size = cfg.hardware.eval_batch_size
 
     def eval_fn(model) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -264,7 +264,7 @@ def log_entry(dataset: str, split: str, e: dict) -> None:
                  split, e["loss"], e["bleu"], e["rouge_l"], e["exact_match"], e["success_rate"], e["n"])
 
 
-def fingerprint(cfg: DictConfig, specs: list[DictConfig]) -> dict:
+def trajectory_id(cfg: DictConfig, specs: list[DictConfig]) -> dict:
     """What makes a training trajectory: resuming with any of these changed is refused."""
     spec = specs[0]
     lora = strip(OmegaConf.to_container(cfg.lora, resolve=True), TRAJECTORY_NEUTRAL, prefix="lora")

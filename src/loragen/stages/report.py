@@ -35,12 +35,12 @@ def run(cfg: DictConfig) -> dict:
 
     lines = ["# loragen report", "", "Runs: " + ", ".join(f"`{p}`" for p in r.runs), ""]
     lines += sections.steps_section(runs)
-    lines += sections.accuracy_section(runs, out, int(cfg.seed))
+    lines += sections.accuracy_section(runs, out, cfg.seed)
     lines += sections.generation_section(runs, out)
     lines += sections.training_section(runs, out)
     lines += sections.similarity_section(runs, out, int(r.max_checkpoints))
     lines += sections.timing_section(runs, out)
-    lines += compare.pipelines_section(list(r.runs), int(cfg.seed))
+    lines += compare.pipelines_section(list(r.runs), cfg.seed)
 
     report = out / "report.md"
     if runtime.is_main():
