@@ -16,7 +16,7 @@ def lora_steps(*extra):
     """Two LoRA steps (arc_easy, piqa) and one that depends on the first."""
     return [Step("lora/arc_easy", ["stage=lora", "model=minilm", "dataset=arc_easy", *extra], ["out.txt"]),
             Step("lora/piqa", ["stage=lora", "model=minilm", "dataset=piqa", *extra], ["out.txt"]),
-            Step("tokenize/arc_easy", ["stage=tokenize", "model=minilm", "dataset=arc_easy"], ["out.txt"],
+            Step("tokenize/arc_easy", ["stage=tokenize", "model=minilm", "dataset=arc_easy", "tokenize.checkpoints=/x"], ["out.txt"],
                  ["lora/arc_easy"])]
 
 

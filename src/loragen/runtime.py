@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, TypeVar
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from loragen import io
+from loragen import io, rundir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,7 +45,7 @@ def using_run_dir(path: Path) -> Iterator[Path]:
     _shared_run_dir.mkdir(parents=True, exist_ok=True)
     handler = None
     if is_main():
-        handler = logging.FileHandler(_shared_run_dir / "loragen.log")
+        handler = logging.FileHandler(_shared_run_dir / rundir.LOG)
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(handler)
     try:
@@ -68,7 +68,7 @@ def share_run_dir(accelerator) -> Path:
         if shared != mine and not accelerator.is_main_process:
             import shutil
 
-            if {p.name for p in mine.iterdir()} <= {".hydra", "loragen.log"}:
+            if {p.name for p in mine.iterdir()} <= {".hydra", rundir.LOG}:
                 shutil.rmtree(mine, ignore_errors=True)  # the stray dir Hydra made on this rank
         _shared_run_dir = shared
     return run_dir()
@@ -78,7 +78,7 @@ def start_run(cfg: DictConfig) -> Path:
     """Snapshot the resolved config into the run dir (main process only) and quiet other ranks."""
     out = run_dir()
     if is_main():
-        io.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        io.write_text(out / rundir.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     else:
         root = logging.getLogger()
         for h in list(root.handlers):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from loragen import rundir
 from loragen.data import load_split
 from loragen.lora.init import attach_lora
 from loragen.lora.snapshot import AdapterSnapshot
@@ -100,10 +101,10 @@ def loragen_run(kind: str, records, tmp: Path, every: int = 0) -> tuple[float, T
 
     model, obj = _setup(kind)
     snapshot = AdapterSnapshot(model)
-    ckpt = TimedCheckpointer(tmp / "checkpoints", lambda path: ckpt.timed_write(snapshot.deferred_write(path)),
+    ckpt = TimedCheckpointer(tmp / rundir.CHECKPOINTS, lambda path: ckpt.timed_write(snapshot.deferred_write(path)),
                              every=every) if every else None
     t0 = time.perf_counter()
-    fit(model, obj.loss, records, obj.collate, _train_cfg(), accelerator=Accelerator(cpu=True), state_dir=tmp / "state",
+    fit(model, obj.loss, records, obj.collate, _train_cfg(), accelerator=Accelerator(cpu=True), state_dir=tmp / rundir.STATE,
         checkpointer=ckpt)
     return time.perf_counter() - t0, ckpt
 

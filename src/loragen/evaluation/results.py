@@ -11,7 +11,7 @@ import io as _io
 from pathlib import Path
 from typing import Sequence
 
-from loragen import io
+from loragen import io, rundir
 from loragen.data.registry import LoadedSplit
 from loragen.evaluation import text_metrics
 from loragen.evaluation.evaluator import EvalOutcome
@@ -47,14 +47,14 @@ def sample_rows(label: str, dataset: str, outcome: EvalOutcome | TextEvalOutcome
 
 def write_results(out_dir: str | Path, entries: Sequence[dict], samples: Sequence[dict], provenance: dict) -> Path:
     out = Path(out_dir)
-    io.write_jsonl(out / "samples.jsonl", list(samples))
+    io.write_jsonl(out / rundir.SAMPLES, list(samples))
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=csv_fields(entries), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(entries)
-    io.write_text(out / "results.csv", buf.getvalue())
-    io.write_text(out / "results.md", render_markdown(entries))
-    return io.write_json(out / "results.json", {"results": list(entries), "provenance": provenance})
+    io.write_text(out / rundir.RESULTS_CSV, buf.getvalue())
+    io.write_text(out / rundir.RESULTS_MD, render_markdown(entries))
+    return io.write_json(out / rundir.RESULTS, {"results": list(entries), "provenance": provenance})
 
 
 def csv_fields(entries: Sequence[dict]) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from loragen import rundir
 from loragen.errors import ConfigError
 from loragen.lora.tokenize import TokenSet
 from loragen.models.token_loss import add_noise
@@ -147,6 +148,6 @@ def token_dir_of(tokens_cfg, name: str) -> Path:
         raise ConfigError(f"generator.tokens.{name} is not set: give the tokenize run dir of task {name} "
                           f"({hint}, a dir with tokens.safetensors and layout.json)")
     path = Path(str(tokens_cfg[name]))
-    if not (path / "tokens.safetensors").is_file():
+    if not (path / rundir.TOKENS).is_file():
         raise ConfigError(f"generator.tokens.{name}={path}: no tokens.safetensors there (a tokenize run dir?)")
     return path

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from loragen import io
+from loragen import io, rundir
 from loragen.data import load_split, subtasks
 from loragen.data.registry import data_options, heldout_split
 from loragen.errors import ConfigError, DataError
@@ -81,10 +81,10 @@ def steps(cfg: DictConfig, root: Path) -> list[Step]:
         ds, group = subtasks.split_task(t)
         sub = [f"dataset.subtasks={quote(_subtask_cfg(cfg, ds, group))}"] if group else []
         out.append(Step(f"lora/{t}", ["stage=lora", f"model={model}", f"dataset={ds}", *sub, *d.lora_overrides],
-                        ["final/adapter_config.json"]))
+                        [f"{rundir.FINAL}/adapter_config.json"]))
         out.append(Step(f"tokenize/{t}", ["stage=tokenize", f"model={model}", f"dataset={ds}",
                                           f"tokenize.checkpoints={quote(str(root / 'lora' / t))}", *d.tokenize_overrides],
-                        ["tokens.safetensors", "layout.json"], [f"lora/{t}"]))
+                        [rundir.TOKENS, rundir.LAYOUT], [f"lora/{t}"]))
     for h in held:
         if d.multitask:
             out += [s for s in [multitask_step(cfg, root, h)] if s.name not in {o.name for o in out}]
@@ -97,25 +97,25 @@ def steps(cfg: DictConfig, root: Path) -> list[Step]:
         out.append(Step(f"generator/{h}", ["stage=generator", f"model={model}", f"dataset={cfg.dataset.name}", *members,
                                            f"generator.datasets={quote(gen_tasks)}", f"generator.heldout={h}",
                                            f"++generator.tokens={quote(tokens)}", *gen_ov, *d.generator_train_overrides],
-                        ["metrics.json"], [f"tokenize/{t}" for t in gen_tasks]))
+                        [rundir.METRICS], [f"tokenize/{t}" for t in gen_tasks]))
         out.append(Step(f"generate/{h}", ["stage=generate", f"model={model}", f"dataset={cfg.dataset.name}",
                                           f"generate.checkpoint={quote(str(root / 'generator' / h))}",
                                           f"generate.num_adapters={int(d.num_generated)}", *gen_ov],
-                        ["adapters/gen-000/adapter_config.json"], [f"generator/{h}"]))
+                        [f"{rundir.ADAPTERS}/{rundir.generated_name(0)}/adapter_config.json"], [f"generator/{h}"]))
         trained = _evaluated_loras(cfg, by_dataset, h)
         out.append(Step(f"evaluate/{h}", ["stage=evaluate", f"model={model}", f"dataset={h}",
                                           f"eval.split={quote(heldout_split(_spec(cfg, h)))}",
                                           f"eval.adapters={quote(_adapters(cfg, root, h, trained))}", *d.eval_overrides,
                                           "eval.include_base=true"],  # the table compares everything with base
-                        ["results.json"], [*(f"lora/{n}" for n in trained), f"generator/{h}", f"generate/{h}",
+                        [rundir.RESULTS], [*(f"lora/{n}" for n in trained), f"generator/{h}", f"generate/{h}",
                                            *([multitask_name(cfg, h)] if d.multitask else [])]))
         for v in variants(cfg):  # its own evaluate step: adding a variant to a finished run re-evaluates nothing else
             out.append(Step(f"evaluate-{v}/{h}", ["stage=evaluate", f"model={model}", f"dataset={h}",
                                                   f"eval.split={quote(heldout_split(_spec(cfg, h)))}",
                                                   f"eval.adapters={quote(_generated(cfg, root, h, v))}",
                                                   *d.eval_overrides, "eval.include_base=false"],
-                            ["results.json"], [f"generate-{v}/{h}"]))
-    out.append(Step("report", ["stage=report", f"report.runs={quote([str(root)])}"], ["report.md"], [s.name for s in out]))
+                            [rundir.RESULTS], [f"generate-{v}/{h}"]))
+    out.append(Step("report", ["stage=report", f"report.runs={quote([str(root)])}"], [rundir.REPORT], [s.name for s in out]))
     return out
 
 
@@ -135,17 +135,17 @@ def _evaluated_loras(cfg: DictConfig, by_dataset: dict[str, list[str]], h: str) 
 def _adapters(cfg: DictConfig, root: Path, h: str, trained: list[str]) -> dict[str, str]:
     """{label: adapter dir} of evaluate/<h>; a label's first `/` part is its role in results.json."""
     d = cfg.pipeline.dnd
-    out = {("oracle" if n == h else f"lora/{n}"): str(root / "lora" / n / "final") for n in trained}
-    out.update({b: str(root / "generator" / h / "baselines" / b) for b in BASELINES})
+    out = {("oracle" if n == h else f"lora/{n}"): str(root / "lora" / n / rundir.FINAL) for n in trained}
+    out.update({b: str(root / "generator" / h / rundir.BASELINES / b) for b in BASELINES})
     if d.multitask:
-        out["multitask"] = str(root / multitask_name(cfg, h) / "final")
+        out["multitask"] = str(root / multitask_name(cfg, h) / rundir.FINAL)
     return {**out, **_generated(cfg, root, h, None)}
 
 
 def _generated(cfg: DictConfig, root: Path, h: str, v: str | None) -> dict[str, str]:
     """{generated[-<v>]/gen-XXX: dir} of the generate step of variant v (None: the reconstruction generator)."""
     role, step = ("generated", "generate") if v is None else (f"generated-{v}", f"generate-{v}")
-    return {f"{role}/gen-{i:03d}": str(root / step / h / "adapters" / f"gen-{i:03d}")
+    return {f"{role}/gen-{i:03d}": str(root / step / h / rundir.ADAPTERS / rundir.generated_name(i))
             for i in range(cfg.pipeline.dnd.num_generated)}
 
 
@@ -177,7 +177,7 @@ def multitask_step(cfg: DictConfig, root: Path, h: str) -> Step:
                                          f"lora.datasets={quote(_datasets_other_than(cfg, h))}", *d.lora_overrides,
                                          f"train.max_steps={multitask_steps(cfg, h)}", "ckpt.every=0",
                                          "train.eval_every=0", *d.multitask_overrides],
-                ["final/adapter_config.json"])
+                [f"{rundir.FINAL}/adapter_config.json"])
 
 
 def variants(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -224,11 +224,11 @@ def variant_steps(cfg: DictConfig, root: Path, h: str, v: str, spec: DictConfig)
                                       f"++generator.tokens={quote(tokens)}", f"generator.objective={objective}",
                                       f"generator.condition={spec.get('condition') or 'prompts'}", *shape,
                                       *d.generator_train_overrides, *(spec.get("overrides") or [])],
-               ["metrics.json"], [f"tokenize/{t}" for t in with_tokens])
+               [rundir.METRICS], [f"tokenize/{t}" for t in with_tokens])
     generate = Step(f"generate-{v}/{h}", ["stage=generate", f"model={cfg.model.name}", f"dataset={cfg.dataset.name}",
                                           f"generate.checkpoint={quote(str(root / gen.name))}",
                                           f"generate.num_adapters={int(d.num_generated)}", *shape],
-                    ["adapters/gen-000/adapter_config.json"], [gen.name])
+                    [f"{rundir.ADAPTERS}/{rundir.generated_name(0)}/adapter_config.json"], [gen.name])
     return [gen, generate]
 
 
@@ -255,11 +255,11 @@ def heldout_scores(root: Path, h: str) -> HeldoutScores:
     by_label: dict[str, dict[str, float]] = {}
     # evaluate/<h>, then the generator variants' evaluate-<v>/<h> (their entries carry their roles)
     for d in [ev, *sorted(p.parent for p in root.glob(f"evaluate-*/{h}/results.json"))]:
-        for f in ("results.json", "samples.jsonl"):
+        for f in (rundir.RESULTS, rundir.SAMPLES):
             if not (d / f).is_file():
                 raise DataError(f"{d / f} is missing; expected the evaluate step of held-out {h} in the pipeline dir {root}")
-        entries += io.read_json(d / "results.json")["results"]
-        for n, line in enumerate((d / "samples.jsonl").read_text().splitlines(), 1):
+        entries += io.read_json(d / rundir.RESULTS)["results"]
+        for n, line in enumerate((d / rundir.SAMPLES).read_text().splitlines(), 1):
             try:
                 s = json.loads(line)
                 by_label.setdefault(s["label"], {})[str(s["id"])] = float(s["acc"])
@@ -303,11 +303,11 @@ def _roles(entries: list[dict], root: Path, h: str) -> dict[str, list[dict]]:
         for e in entries:
             out.setdefault(e["role"], []).append(e)
         return out
-    paths = {None: "base", str(root / "lora" / h / "final"): "oracle",
-             **{str(root / "generator" / h / "baselines" / b): b for b in BASELINES}}
+    paths = {None: "base", str(root / "lora" / h / rundir.FINAL): "oracle",
+             **{str(root / "generator" / h / rundir.BASELINES / b): b for b in BASELINES}}
     for e in entries:
         p = e["adapter_path"]
-        role = paths.get(p) or ("generated" if p and Path(p).parent.name == "adapters" else None)
+        role = paths.get(p) or ("generated" if p and Path(p).parent.name == rundir.ADAPTERS else None)
         if role:
             out.setdefault(role, []).append(e)
     return out
@@ -328,9 +328,9 @@ def table(cfg: DictConfig, root: Path) -> list[dict]:
         row["generated_k"] = len(sc.generated)
         row["generated_diff"] = paired_bootstrap(base, [sc.docs["generated"][i] for i in sc.docs["base"]],
                                                  seed=cfg.seed)
-        nearest_info = io.read_json(root / "generator" / h / "baselines" / "nearest" / "baseline.json")
+        nearest_info = io.read_json(root / "generator" / h / rundir.BASELINES / "nearest" / rundir.BASELINE_RECORD)
         row["nearest_dataset"] = nearest_info.get("nearest")
-        row["train_tasks"] = len(io.read_json(root / "generator" / h / "metrics.json")["datasets"])
+        row["train_tasks"] = len(io.read_json(root / "generator" / h / rundir.METRICS)["datasets"])
         row.update(_against_multitask(cfg, root, h, sc))
         rows.append(row)
     return rows
@@ -355,7 +355,7 @@ def _against_multitask(cfg: DictConfig, root: Path, h: str, sc: HeldoutScores) -
         if not sc.docs.get(role):
             continue
         docs = [sc.docs[role][i] for i in ids]
-        metrics = root / step / h / "metrics.json"
+        metrics = root / step / h / rundir.METRICS
         meta = io.read_json(metrics) if metrics.is_file() else {}
         out["generators"][name] = {
             "objective": meta.get("objective", "reconstruction"), "condition": meta.get("condition", "prompts"),

@@ -20,11 +20,11 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from loragen import fingerprint as fp
-from loragen import io, runtime
+from loragen import io, rundir, runtime
 from loragen.errors import ConfigError
 
 log = logging.getLogger(__name__)
-FINGERPRINT = "fingerprint.json"
+FINGERPRINT = rundir.STEP_RECORD
 # Before the content fingerprints (loragen.fingerprint), a step's fingerprint hashed its whole config but these;
 # a finished step recorded that way is still recognised (and its record upgraded) rather than redone.
 LEGACY_IGNORED_KEYS = ("tracker", "paths.cache_dir")
@@ -191,7 +191,7 @@ def run_in_process(step: Step, cfg: DictConfig, step_dir: Path) -> None:
 
     with runtime.using_run_dir(step_dir):
         if runtime.is_main():
-            io.write_text(step_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            io.write_text(step_dir / rundir.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         run_stage(cfg)
 
 

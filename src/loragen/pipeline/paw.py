@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from loragen import io
+from loragen import io, rundir
 from loragen.pipeline.engine import Step, quote
 
 COLUMNS = ["source_base", "source_lora", "target_base", "transferred", "target_lora"]
@@ -26,23 +26,23 @@ def steps(cfg: DictConfig, root: Path) -> list[Step]:
 
     def evaluate(name: str, ds: str, model: str, adapters: list[str], deps: list[str], base: bool) -> Step:
         return Step(f"{name}/{ds}", ["stage=evaluate", f"model={model}", f"dataset={ds}", f"eval.adapters={quote(adapters)}",
-                                     f"eval.include_base={str(base).lower()}", *eval_ov], ["results.json"], deps)
+                                     f"eval.include_base={str(base).lower()}", *eval_ov], [rundir.RESULTS], deps)
 
     for ds in p.datasets:
         src_lora, transfer, tgt_lora = f"lora_source/{ds}", f"transfer/{ds}", f"lora_target/{ds}"
         out += [
             evaluate("eval_source_base", ds, src, [], [], True),
-            Step(src_lora, ["stage=lora", f"model={src}", f"dataset={ds}", *lora_ov], ["final/adapter_config.json"]),
+            Step(src_lora, ["stage=lora", f"model={src}", f"dataset={ds}", *lora_ov], [f"{rundir.FINAL}/adapter_config.json"]),
             Step(transfer, ["stage=transfer", f"model={tgt}", f"transfer.source_model={src}",
                             f"transfer.source_adapter={quote(str(root / src_lora / 'final'))}", *list(p.transfer_overrides)],
                  ["adapter/adapter_config.json"], [src_lora]),
             evaluate("eval_target_base", ds, tgt, [], [], True),
-            evaluate("eval_transferred", ds, tgt, [str(root / transfer / "adapter")], [transfer], False),
-            Step(tgt_lora, ["stage=lora", f"model={tgt}", f"dataset={ds}", *lora_ov], ["final/adapter_config.json"]),
-            evaluate("eval_source_lora", ds, src, [str(root / src_lora / "final")], [src_lora], False),
-            evaluate("eval_target_lora", ds, tgt, [str(root / tgt_lora / "final")], [tgt_lora], False),
+            evaluate("eval_transferred", ds, tgt, [str(root / transfer / rundir.ADAPTER)], [transfer], False),
+            Step(tgt_lora, ["stage=lora", f"model={tgt}", f"dataset={ds}", *lora_ov], [f"{rundir.FINAL}/adapter_config.json"]),
+            evaluate("eval_source_lora", ds, src, [str(root / src_lora / rundir.FINAL)], [src_lora], False),
+            evaluate("eval_target_lora", ds, tgt, [str(root / tgt_lora / rundir.FINAL)], [tgt_lora], False),
         ]
-    out.append(Step("report", ["stage=report", f"report.runs={quote([str(root)])}"], ["report.md"], [s.name for s in out]))
+    out.append(Step("report", ["stage=report", f"report.runs={quote([str(root)])}"], [rundir.REPORT], [s.name for s in out]))
     return out
 
 
@@ -54,7 +54,7 @@ def table(cfg: DictConfig, root: Path) -> list[dict]:
     for ds in cfg.pipeline.paw.datasets:
         row: dict = {"dataset": ds}
         for col, step in sources.items():
-            (entry,) = [e for e in io.read_json(root / step / ds / "results.json")["results"] if e["dataset"] == ds]
+            (entry,) = [e for e in io.read_json(root / step / ds / rundir.RESULTS)["results"] if e["dataset"] == ds]
             row[col] = entry["acc"]
             row[f"{col}_norm"] = entry["acc_norm"]
             row["n"], row["split"] = entry["n"], entry["split"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loragen import rundir
 from loragen.evaluation.metrics import paired_bootstrap
 from loragen.pipeline.dnd import ROLES, heldout_scores
 from loragen.report.runs import read_json
@@ -23,7 +24,7 @@ def dnd_pipelines(paths: list[str | Path]) -> list[Path]:
     """The given dirs that are dnd pipeline dirs with a table (rows with a held-out dataset)."""
     out = []
     for p in dict.fromkeys(Path(p).expanduser().resolve() for p in paths):
-        table = p / "table.json"
+        table = p / rundir.TABLE
         if table.is_file() and all("heldout" in r for r in read_json(table).get("rows", [])):
             out.append(p)
     return out
@@ -38,8 +39,8 @@ def diff_cell(a: dict[str, float], b: dict[str, float], seed: int) -> str:
 
 
 def compare(ref: Path, other: Path, seed: int) -> list[str]:
-    ref_rows = {r["heldout"]: r for r in read_json(ref / "table.json")["rows"]}
-    other_rows = {r["heldout"]: r for r in read_json(other / "table.json")["rows"]}
+    ref_rows = {r["heldout"]: r for r in read_json(ref / rundir.TABLE)["rows"]}
+    other_rows = {r["heldout"]: r for r in read_json(other / rundir.TABLE)["rows"]}
     both = [h for h in ref_rows if h in other_rows]
     lines = [f"### `{other}` vs `{ref}`", ""]
     if not both:

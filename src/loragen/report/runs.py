@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loragen import rundir
 from loragen.errors import DataError
 from loragen.evaluation.text_evaluator import METRICS as TEXT_METRICS
 
@@ -86,7 +87,7 @@ class EvaluateRun(Run):
         """(label, dataset) -> {document id: acc} from samples.jsonl (empty when the run has none).
 
         Rows of prompt->text entries (no acc: generated outputs) are left out."""
-        path = self.path / "samples.jsonl"
+        path = self.path / rundir.SAMPLES
         text = {(e["label"], e["dataset"]) for e in self.results if is_text_entry(e)}
         out: dict[tuple[str, str], dict[str, float]] = {}
         if path.is_file():
@@ -116,7 +117,7 @@ class Runs:
             return None
         p = Path(adapter_path)
         for run in self.lora:
-            if p.parent == run.path or p.parent == run.path / "checkpoints":
+            if p.parent == run.path or p.parent == run.path / rundir.CHECKPOINTS:
                 return run
         return None
 
@@ -127,15 +128,15 @@ def is_text_entry(entry: dict) -> bool:
 
 
 def kind_of(path: Path) -> str | None:
-    if (path / "final" / "adapter_config.json").is_file() and (path / "state" / "trainer.json").is_file():
+    if (path / rundir.FINAL / "adapter_config.json").is_file() and (path / rundir.STATE / rundir.TRAINER).is_file():
         return "lora"
-    if (path / "metrics.json").is_file() and (path / "generator").is_dir():
+    if (path / rundir.METRICS).is_file() and (path / "generator").is_dir():
         return "generator"
-    if (path / "generate.json").is_file():
+    if (path / rundir.GENERATE_SUMMARY).is_file():
         return "generate"
-    if (path / "results.json").is_file():
+    if (path / rundir.RESULTS).is_file():
         return "evaluate"
-    if (path / "table.json").is_file() or _step_dirs(path):
+    if (path / rundir.TABLE).is_file() or _step_dirs(path):
         return "pipeline"
     return None
 
@@ -154,7 +155,7 @@ def collect(paths: list[str | Path]) -> Runs:
         if kind == "pipeline":
             for step in _step_dirs(path):
                 name = step.relative_to(path).as_posix()
-                seconds = read_json(step / "fingerprint.json").get("seconds")
+                seconds = read_json(step / rundir.STEP_RECORD).get("seconds")
                 step_kind = kind_of(step)
                 runs.steps.append({"name": name, "kind": step_kind or name.split("/")[0], "dir": str(step),
                                    "seconds": seconds})
@@ -216,36 +217,36 @@ def read_results(path: Path) -> list[dict]:
 
 
 def load_lora(path: Path, name: str, seconds: float | None) -> LoraRun:
-    trainer = read_json(path / "state" / "trainer.json")
-    manifest = path / "checkpoints" / "manifest.json"
-    results = read_results(path / "results.json") if (path / "results.json").is_file() else []
+    trainer = read_json(path / rundir.STATE / rundir.TRAINER)
+    manifest = path / rundir.CHECKPOINTS / rundir.MANIFEST
+    results = read_results(path / rundir.RESULTS) if (path / rundir.RESULTS).is_file() else []
     best = None
-    if (path / "best.json").is_file():
-        best = read_json(path / "best.json")
+    if (path / rundir.BEST_RECORD).is_file():
+        best = read_json(path / rundir.BEST_RECORD)
         for k in ("step", "metric", "value", "mode"):
-            _key(best, k, path / "best.json")
-    return LoraRun(path, name, seconds, history=_key(trainer, "history", path / "state" / "trainer.json"),
+            _key(best, k, path / rundir.BEST_RECORD)
+    return LoraRun(path, name, seconds, history=_key(trainer, "history", path / rundir.STATE / rundir.TRAINER),
                    fingerprint=trainer.get("fingerprint", {}),
                    checkpoints=_key(read_json(manifest), "checkpoints", manifest) if manifest.is_file() else [],
                    results=results, best=best)
 
 
 def load_generator(path: Path, name: str, seconds: float | None) -> GeneratorRun:
-    metrics = read_json(path / "metrics.json")
-    trainer = path / "state" / "trainer.json"
+    metrics = read_json(path / rundir.METRICS)
+    trainer = path / rundir.STATE / rundir.TRAINER
     fp = read_json(trainer).get("fingerprint", {}) if trainer.is_file() else {}
-    return GeneratorRun(path, name, seconds, history=_key(metrics, "history", path / "metrics.json"), fingerprint=fp,
+    return GeneratorRun(path, name, seconds, history=_key(metrics, "history", path / rundir.METRICS), fingerprint=fp,
                         metrics=metrics)
 
 
 def load_generate(path: Path, name: str, seconds: float | None) -> GenerateRun:
-    summary = read_json(path / "generate.json")
-    _key(summary, "adapters", path / "generate.json")
+    summary = read_json(path / rundir.GENERATE_SUMMARY)
+    _key(summary, "adapters", path / rundir.GENERATE_SUMMARY)
     return GenerateRun(path, name, seconds, summary=summary)
 
 
 def load_evaluate(path: Path, name: str, seconds: float | None) -> EvaluateRun:
-    return EvaluateRun(path, name, seconds, results=read_results(path / "results.json"))
+    return EvaluateRun(path, name, seconds, results=read_results(path / rundir.RESULTS))
 
 
 LOADERS = {"lora": load_lora, "generator": load_generator, "generate": load_generate, "evaluate": load_evaluate}

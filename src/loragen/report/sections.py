@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loragen import rundir
 from loragen.errors import CheckpointError
 from loragen.evaluation.metrics import paired_bootstrap
 from loragen.evaluation.results import TEXT_HEADERS, fmt_text_metric
@@ -48,7 +49,7 @@ def steps_section(runs: Runs) -> list[str]:
 def trained_on(adapter_dir: Path) -> str | None:
     """The dataset of the lora run this adapter belongs to (its final/ or a trajectory checkpoint)."""
     for run_dir in (adapter_dir.parent, adapter_dir.parent.parent):
-        trainer = run_dir / "state" / "trainer.json"
+        trainer = run_dir / rundir.STATE / rundir.TRAINER
         if trainer.is_file():
             return read_json(trainer).get("fingerprint", {}).get("dataset")
     return None
@@ -68,14 +69,14 @@ def role_of(adapter_path: str | None, dataset: str) -> str:
     if adapter_path is None:
         return "base"
     d = Path(adapter_path)
-    if (d / "prompts.json").is_file():
+    if (d / rundir.PROMPTS_RECORD).is_file():
         return "generated"
-    if (d / "baseline.json").is_file():
+    if (d / rundir.BASELINE_RECORD).is_file():
         return f"baseline: {read_json(d / 'baseline.json').get('baseline', d.name)}"
     trained = trained_on(d)
     if trained is not None:
         return "LoRA (own dataset)" if trained == dataset else "LoRA (other dataset)"
-    if (d.parent / "transfer_report.json").is_file():
+    if (d.parent / rundir.TRANSFER_REPORT).is_file():
         return "transferred"
     return "adapter"
 
@@ -341,12 +342,12 @@ def training_section(runs: Runs, out: Path) -> list[str]:
 
 def trajectory(run: LoraRun, max_checkpoints: int) -> tuple[list[str], list[Path]]:
     """Evenly spaced trajectory checkpoints (at most max_checkpoints, the last kept) and final/."""
-    kept = [c for c in run.checkpoints if (run.path / "checkpoints" / c["path"]).is_dir()]
+    kept = [c for c in run.checkpoints if (run.path / rundir.CHECKPOINTS / c["path"]).is_dir()]
     if len(kept) > max_checkpoints:
         idx = np.unique(np.linspace(0, len(kept) - 1, max_checkpoints).round().astype(int))
         kept = [kept[i] for i in idx]
     labels = [f"step {c['step']}" for c in kept] + ["final"]
-    return labels, [run.path / "checkpoints" / c["path"] for c in kept] + [run.path / "final"]
+    return labels, [run.path / rundir.CHECKPOINTS / c["path"] for c in kept] + [run.path / rundir.FINAL]
 
 
 def similarity_section(runs: Runs, out: Path, max_checkpoints: int) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from loragen import io, runtime
+from loragen import io, rundir, runtime
 from loragen.data.prompt_files import read_prompt_file
 from loragen.errors import ConfigError
 from loragen.evaluation.adapters import AdapterSwitcher, check_adapter
@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> dict:
 
     if prompts is None:
         return {"mode": "interactive", "prompts": interactive(answer, settings.max_new_tokens)}
-    out = Path(c.out) if c.out else runtime.run_dir() / "chat.jsonl"
+    out = Path(c.out) if c.out else runtime.run_dir() / rundir.CHAT_OUT
     return {"mode": "batch", "prompts": len(prompts), "out": str(batch(answer, prompts, out))}
 
 

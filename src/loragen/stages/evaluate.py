@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from loragen import io, runtime
+from loragen import io, rundir, runtime
 from loragen.data import LoadedSplit, dataset_specs, load_split
 from loragen.data.registry import data_options
 from loragen.errors import ConfigError
@@ -33,9 +33,9 @@ GENERATIVE = ("causal", "seq2seq")
 
 def run(cfg: DictConfig) -> dict:
     out = runtime.run_dir()
-    if (out / "results.json").is_file() and not cfg.eval.overwrite:
-        log.info("%s exists: evaluation already done (eval.overwrite=true to redo)", out / "results.json")
-        return io.read_json(out / "results.json")
+    if (out / rundir.RESULTS).is_file() and not cfg.eval.overwrite:
+        log.info("%s exists: evaluation already done (eval.overwrite=true to redo)", out / rundir.RESULTS)
+        return io.read_json(out / rundir.RESULTS)
     if cfg.eval.method not in METHODS:
         raise ConfigError(f"eval.method={cfg.eval.method!r}; expected one of {METHODS}")
 
@@ -71,8 +71,8 @@ def run(cfg: DictConfig) -> dict:
     result = {"results": entries, "provenance": provenance(cfg, {s.dataset: s.sha256 for s in splits}, accelerator.num_processes)}
     if runtime.is_main():
         write_results(out, entries, samples, result["provenance"])
-        print((out / "results.md").read_text())
-        log.info("results in %s", out / "results.json")
+        print((out / rundir.RESULTS_MD).read_text())
+        log.info("results in %s", out / rundir.RESULTS)
     return result
 
 

@@ -18,7 +18,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from loragen import io, runtime
+from loragen import io, rundir, runtime
 from loragen.errors import ConfigError
 from loragen.generator.checkpoint import generator_config, load_generator
 from loragen.generator.prompts import DESCRIPTION, dataset_spec, load_prompts
@@ -72,10 +72,10 @@ def run(cfg: DictConfig) -> dict:
             tokens = model(states.unsqueeze(0))[0]
         adapter = detokenize(tokens, layout)
         decoded = time.perf_counter()
-        name = f"gen-{i:03d}"
+        name = rundir.generated_name(i)
         info = {"name": name, "prompts": batch, **origin, "seed": int(g.seed), "batch": i,
                 "generator": str(g.checkpoint), "heldout": meta.get("heldout")}
-        path = write_adapter(out / "adapters" / name, adapter, extra_files={"prompts.json": info})
+        path = write_adapter(out / rundir.ADAPTERS / name, adapter, extra_files={rundir.PROMPTS_RECORD: info})
         records.append({"name": name, "path": str(path), **origin, "num_prompts": len(batch),
                         "encode_seconds": encoded - start, "decode_seconds": decoded - encoded,
                         "seconds": decoded - start})
@@ -86,8 +86,8 @@ def run(cfg: DictConfig) -> dict:
         "mean_seconds_per_adapter": sum(r["seconds"] for r in records) / len(records),
     }
     if runtime.is_main():
-        io.write_json(out / "generate.json", summary)
-    log.info("generated %d adapters in %s (%.3f s each, encoder included)", len(records), out / "adapters",
+        io.write_json(out / rundir.GENERATE_SUMMARY, summary)
+    log.info("generated %d adapters in %s (%.3f s each, encoder included)", len(records), out / rundir.ADAPTERS,
              summary["mean_seconds_per_adapter"])
     return summary
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from loragen import io, runtime
+from loragen import io, rundir, runtime
 from loragen.errors import ConfigError
 from loragen.generator import baselines as bl
 from loragen.generator.checkpoint import generator_config, save_generator
@@ -133,7 +133,7 @@ def run(cfg: DictConfig) -> dict:
         (lambda m: train_task_loss(m, eval_batches, flora, samples.task_batch, cfg.seed))
     tracker = make_tracker(cfg, out, acc.is_main_process)
     collate_fn = labeled_collate(flora.objective.collate) if flora is not None else collate
-    result = fit(model, loss_fn, samples, collate_fn, cfg.train, accelerator=acc, state_dir=out / "state",
+    result = fit(model, loss_fn, samples, collate_fn, cfg.train, accelerator=acc, state_dir=out / rundir.STATE,
                  fingerprint={"generator": OmegaConf.to_container(g, resolve=True), "loss": dict(cfg.loss)},
                  tracker=tracker, eval_fn=evaluate, data_name="the generator's (prompt batch, target) samples")
     if result.status != "completed":
@@ -152,7 +152,7 @@ def run(cfg: DictConfig) -> dict:
         })
         if held is not None:
             summary["heldout_eval"] = compare_with_baselines(model, held, tasks, eval_batches["heldout"], out, layout)
-        io.write_json(out / "metrics.json", {**summary, "history": result.history})
+        io.write_json(out / rundir.METRICS, {**summary, "history": result.history})
     tracker.finish()
     return summary
 
@@ -283,14 +283,14 @@ def compare_with_baselines(model: torch.nn.Module, held: Task, tasks: list[Task]
     error = (lambda a: bl.relative_error(a, oracle)) if oracle is not None else (lambda a: None)
     rows: dict[str, dict] = {}
     for name, adapter in candidates.items():
-        path = write_adapter(out / "baselines" / name, adapter, extra_files={"baseline.json": {
+        path = write_adapter(out / rundir.BASELINES / name, adapter, extra_files={rundir.BASELINE_RECORD: {
             "baseline": name, "heldout": held.name, "nearest": nearest if name == "nearest" else None}})
         rows[name] = {"path": str(path), "weight_rel_error": error(adapter)}
     generated = []
     for i, tokens in enumerate(generate_tokens(model, batch["cond"])):
         adapter = detokenize(tokens, layout)
         prompts = [held.prompts[j] for j in batch["prompt_idx"][i].tolist()]
-        path = write_adapter(out / "generated" / f"gen-{i:03d}", adapter, extra_files={"prompts.json": {
+        path = write_adapter(out / rundir.GENERATED / rundir.generated_name(i), adapter, extra_files={rundir.PROMPTS_RECORD: {
             "prompts": prompts, "dataset": held.name, "split": held.split, "batch": i}})
         generated.append({"path": str(path), "weight_rel_error": error(adapter)})
     errors = [g["weight_rel_error"] for g in generated if g["weight_rel_error"] is not None]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from loragen import runtime
+from loragen import rundir, runtime
 from loragen.data import dataset_specs, load_split, subtasks
 from loragen.data.records import TextRecord
 from loragen.data.registry import LoadedSplit, data_options, heldout_split
@@ -72,7 +72,7 @@ def run(cfg: DictConfig) -> dict:
     objective = make_objective(lm.kind, lm.tokenizer, max_length=cfg.lora.max_length,
                                temperature=cfg.lora.temperature, record_type=record_type,
                                chat_template=generation.chat_template, system=generation.system)
-    checkpointer = Checkpointer(out / "checkpoints", AdapterSnapshot(model).deferred_write, every=cfg.ckpt.every,
+    checkpointer = Checkpointer(out / rundir.CHECKPOINTS, AdapterSnapshot(model).deferred_write, every=cfg.ckpt.every,
                                 start_step=cfg.ckpt.start_step, keep_last=cfg.ckpt.keep_last,
                                 is_main=accelerator.is_main_process)
     best = None
@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
 
     # train
     result = fit(model, objective.loss, train_split.records, objective.collate, cfg.train, accelerator=accelerator,
-                 state_dir=out / "state", fingerprint=trajectory_id(cfg, specs), tracker=tracker, eval_fn=eval_fn,
+                 state_dir=out / rundir.STATE, fingerprint=trajectory_id(cfg, specs), tracker=tracker, eval_fn=eval_fn,
                  checkpointer=checkpointer, data_name=f"dataset {train_split.dataset} split {spec.train_split!r}",
                  best=best)
     if result.status == "preempted":
@@ -97,11 +97,11 @@ def run(cfg: DictConfig) -> dict:
 
     # save and evaluate
     if accelerator.is_main_process:
-        save_adapter(model, out / "final")
+        save_adapter(model, out / rundir.FINAL)
     accelerator.wait_for_everyone()
     helds = [load_split(s, heldout_split(s), limit=cfg.lora.final_eval_limit, **data_kw) for s in specs]
     entries, samples = [], []
-    runs = ([("base", None)] if cfg.lora.eval_base else []) + [("final", str(out / "final"))]
+    runs = ([("base", None)] if cfg.lora.eval_base else []) + [("final", str(out / rundir.FINAL))]
     if best is not None and best.record is not None:
         if best.record["step"] == result.step:
             log.info("the best adapter by %s is the final one (step %d)", best.metric, result.step)
@@ -126,7 +126,7 @@ def run(cfg: DictConfig) -> dict:
     prov = provenance(cfg, data_sha, accelerator.num_processes)
     if accelerator.is_main_process:
         write_results(out, entries, samples, prov)
-        log.info("final adapter in %s; results in %s", out / "final", out / "results.json")
+        log.info("final adapter in %s; results in %s", out / rundir.FINAL, out / rundir.RESULTS)
     return {"status": "completed", "step": result.step, "results": entries, "history": result.history,
             "best": best.record if best is not None else None}
 

@@ -13,7 +13,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from loragen import io, runtime
+from loragen import io, rundir, runtime
 from loragen.errors import ConfigError
 from loragen.pipeline import dnd, engine, executors, paw
 
@@ -40,18 +40,18 @@ def run(cfg: DictConfig) -> dict:
 
     rows = recipe.table(cfg, root)
     if runtime.is_main():
-        io.write_json(root / "table.json", {"rows": rows, "steps": status})
+        io.write_json(root / rundir.TABLE, {"rows": rows, "steps": status})
         buf = _io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-        io.write_text(root / "table.csv", buf.getvalue())
+        io.write_text(root / rundir.TABLE_CSV, buf.getvalue())
         text = recipe.markdown(cfg, rows)
-        io.write_text(root / "table.md", text)
+        io.write_text(root / rundir.TABLE_MD, text)
         for png in getattr(recipe, "plots", lambda *a: [])(cfg, rows, root):
             log.info("plot %s", png)
         print(text)
-        log.info("pipeline table in %s", root / "table.md")
+        log.info("pipeline table in %s", root / rundir.TABLE_MD)
     return {"rows": rows, "steps": status}
 
 

@@ -18,7 +18,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from loragen import io, runtime
+from loragen import io, rundir, runtime
 from loragen.errors import ConfigError
 from loragen.report import compare, sections
 from loragen.report.runs import collect
@@ -42,7 +42,7 @@ def run(cfg: DictConfig) -> dict:
     lines += sections.timing_section(runs, out)
     lines += compare.pipelines_section(list(r.runs), cfg.seed)
 
-    report = out / "report.md"
+    report = out / rundir.REPORT
     if runtime.is_main():
         io.write_text(report, "\n".join(lines))
     plots = sorted(p.name for p in out.glob("*.png"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from loragen import io, provenance, runtime
+from loragen import io, provenance, rundir, runtime
 from loragen.errors import ConfigError
 from loragen.lora.adapter_io import read_adapter, write_adapter
 from loragen.lora.svd_cache import SVDCache
@@ -39,13 +39,13 @@ def run(cfg: DictConfig) -> dict:
                "target_model": cfg.model.name, "target_model_path": target_path,
                "settings": OmegaConf.to_container(t, resolve=True), "num_modules": len(result.modules),
                "num_transferred": len(result.transferred), "svd_cache": {"hits": cache.hits, "computed": cache.misses},
-               "adapter_path": str(out / "adapter"), "modules": result.modules}
+               "adapter_path": str(out / rundir.ADAPTER), "modules": result.modules}
     if runtime.is_main():
-        io.write_json(out / "transfer_report.json", {**summary, "provenance": provenance.provenance(cfg)})
-        io.write_text(out / "transfer_report.md", report_markdown(summary, result))
+        io.write_json(out / rundir.TRANSFER_REPORT, {**summary, "provenance": provenance.provenance(cfg)})
+        io.write_text(out / rundir.TRANSFER_REPORT_MD, report_markdown(summary, result))
         require_some(result, settings.similarity_threshold)
-        write_adapter(out / "adapter", config=result.config, tensors=result.tensors)
-        log.info("transferred %d of %d modules; adapter in %s", len(result.transferred), len(result.modules), out / "adapter")
+        write_adapter(out / rundir.ADAPTER, config=result.config, tensors=result.tensors)
+        log.info("transferred %d of %d modules; adapter in %s", len(result.transferred), len(result.modules), out / rundir.ADAPTER)
     return summary
 
 

@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from loragen import io
+from loragen import io, rundir
 from loragen.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ class Checkpointer:
                               "expected every >= 0 (0 = off), start_step >= 0, keep_last >= 1 or null")
         self.root, self.save_fn = Path(root), save_fn
         self.every, self.start_step, self.keep_last, self.is_main = every, start_step, keep_last, is_main
-        self.manifest_path = self.root / "manifest.json"
-        self.log_path = self.root / "manifest.jsonl"
+        self.manifest_path = self.root / rundir.MANIFEST
+        self.log_path = self.root / rundir.MANIFEST_LOG
         self.entries: list[dict] = []  # the checkpoints saved (all written once flush() returns)
         self._writer = BackgroundWriter(max_pending)
         self._dirty = False  # entries changed since manifest.json was written
@@ -227,7 +227,7 @@ MODES = ("max", "min")
 
 
 class BestCheckpoint:
-    """Saves through `save_fn(root / "best")` whenever the evaluation metric `metric` improves (rank 0 writes).
+    """Saves through `save_fn(root / rundir.BEST)` whenever the evaluation metric `metric` improves (rank 0 writes).
 
     `metric` names an evaluation metric with or without its "eval_" prefix (loss: the validation loss,
     eval_loss; bleu: eval_bleu; acc: eval_acc ...). `mode` max | min, or None to derive it from the name.
@@ -247,7 +247,7 @@ class BestCheckpoint:
             raise ConfigError(f"ckpt.best_mode={mode!r}; expected max, min or null (derived from the metric)")
         self.root, self.save_fn, self.is_main = Path(root), save_fn, is_main
         self.metric, self.key, self.mode = name, f"eval_{name}", mode
-        self.dir, self.record_path = self.root / "best", self.root / "best.json"
+        self.dir, self.record_path = self.root / rundir.BEST, self.root / rundir.BEST_RECORD
         self.record: dict | None = None  # {"step", "metric", "value", "mode"}
 
     def better(self, value: float) -> bool:

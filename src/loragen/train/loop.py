@@ -1,6 +1,6 @@
 """The one training loop every trainable stage uses (Accelerate, plain PyTorch).
 
-    result = fit(model, loss_fn, items, collate, cfg.train, accelerator=acc, state_dir=run / "state",
+    result = fit(model, loss_fn, items, collate, cfg.train, accelerator=acc, state_dir=run / rundir.STATE,
                  fingerprint={...}, tracker=tracker, eval_fn=..., checkpointer=...)
 
 - `loss_fn(model, batch) -> (summed loss, number of loss units)`: a sum, not a mean. The loop

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from loragen import io
+from loragen import io, rundir
 from loragen.errors import CheckpointError
 
-TRAINER = "trainer.json"
+TRAINER = rundir.TRAINER
 TRAINABLE = "trainable.safetensors"
 OPTIM = "optim.pt"
 

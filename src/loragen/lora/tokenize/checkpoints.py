@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from loragen import rundir
 from loragen.errors import CheckpointError
 from loragen.lora.adapter_io import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, is_adapter_dir, read_adapter_config
 
@@ -45,8 +46,8 @@ def find_checkpoints(source: str | os.PathLike, max_checkpoints: int | None = No
         raise CheckpointError(f"tokenize.checkpoints={source}: no such directory")
     if is_adapter_dir(root):
         return [Checkpoint(root, _step(root) if re.search(r"\d+", root.name) else 0)]
-    if (root / "checkpoints").is_dir():
-        root = root / "checkpoints"
+    if (root / rundir.CHECKPOINTS).is_dir():
+        root = root / rundir.CHECKPOINTS
     dirs = [p for p in root.iterdir() if p.is_dir() and (is_adapter_dir(p) or STEP_DIR.match(p.name))]
     if not dirs:
         raise CheckpointError(f"{root}: no PEFT adapter directories (expected step-000123/ dirs with "

@@ -25,12 +25,12 @@ from typing import Any, Sequence
 
 import torch
 
-from loragen import io
+from loragen import io, rundir
 from loragen.errors import CheckpointError, ConfigError
 
 FORMAT = "loragen-tokens/1"
 SCHEMES = ("dnd", "flat")
-LAYOUT_NAME = "layout.json"
+LAYOUT_NAME = rundir.LAYOUT
 SUFFIXES = {"A": ".lora_A.weight", "B": ".lora_B.weight"}
 
 

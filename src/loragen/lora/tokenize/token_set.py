@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from loragen import io
+from loragen import io, rundir
 from loragen.errors import CheckpointError
 from loragen.lora.adapter_io import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, Adapter, read_adapter
 from loragen.lora.tokenize import codec
@@ -20,7 +20,7 @@ from loragen.lora.tokenize.checkpoints import check_consistent, find_checkpoints
 from loragen.lora.tokenize.layout import LAYOUT_NAME, Layout, build_layout
 
 log = logging.getLogger(__name__)
-TOKENS_NAME = "tokens.safetensors"
+TOKENS_NAME = rundir.TOKENS
 
 
 @dataclass
@@ -136,7 +136,7 @@ def save_token_set(ts: TokenSet, out_dir: str | os.PathLike) -> Path:
     with io.atomic_path(out_dir / TOKENS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "scheme": ts.layout.scheme})
     ts.layout.save(out_dir / LAYOUT_NAME)
-    io.write_json(out_dir / "checkpoints.json", [{"step": s, "path": p} for s, p in zip(ts.steps, ts.sources, strict=True)])
+    io.write_json(out_dir / rundir.CHECKPOINT_LIST, [{"step": s, "path": p} for s, p in zip(ts.steps, ts.sources, strict=True)])
     return out_dir
 
 
@@ -153,6 +153,6 @@ def load_token_set(path: str | os.PathLike) -> TokenSet:
     if "tokens" not in t or tuple(t["tokens"].shape[1:]) != layout.shape:
         raise CheckpointError(f"{f}: tokens {list(t['tokens'].shape) if 'tokens' in t else 'missing'} do not fit "
                               f"the layout {list(layout.shape)} of {path / LAYOUT_NAME}")
-    sources = [c["path"] for c in io.read_json(path / "checkpoints.json")] if (path / "checkpoints.json").is_file() else []
+    sources = [c["path"] for c in io.read_json(path / rundir.CHECKPOINT_LIST)] if (path / rundir.CHECKPOINT_LIST).is_file() else []
     return TokenSet(t["tokens"], layout, t["mask"], t["token_std"], t["steps"].tolist(), sources,
                     t.get("chunk_mean"), t.get("chunk_std"))
