@@ -16,6 +16,7 @@ def test_submitit_local_executor_runs_a_step_and_names_a_failed_ones_log(tmp_pat
     from loragen.pipeline import engine, executors
 
     root = tmp_path / "pipe"
+    (tmp_path / "none").mkdir()  # a data dir that exists (checked up front) but holds no piqa: fails in the job
     shared = ["tracker=none", f"paths.data_dir={DATA_DIR}"]
     ok = engine.Step("data/piqa", ["stage=data", "dataset=piqa"], ["data_summary.json"])
     broken = engine.Step("data/broken", ["stage=data", "dataset=piqa", f"paths.data_dir={tmp_path / 'none'}"],
