@@ -7,7 +7,7 @@ import pytest
 from hydra import initialize_config_dir
 
 from loragen.errors import ConfigError
-from loragen.pipeline.engine import Step, legacy_fingerprint, run_steps
+from loragen.pipeline.engine import Step, run_steps
 from tests.conftest import CONF, DATA_DIR
 from tests.test_pipeline import Recorder
 
@@ -73,18 +73,16 @@ def test_an_unset_data_dir_while_offline_moves_nothing(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*/*.stale-*"))
 
 
-def test_a_step_recorded_before_content_fingerprints_is_recognised_and_upgraded(tmp_path):
-    from hydra import compose
-
+def test_a_step_recorded_before_content_fingerprints_is_kept_when_its_overrides_match(tmp_path):
     run(lora_steps(), tmp_path)
-    legacy = {}
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for step in lora_steps():  # in dependency order: the hash the old engine wrote
-            cfg = compose(config_name="config", overrides=[f"paths.data_dir={DATA_DIR}", *step.overrides])
-            legacy[step.name] = legacy_fingerprint(cfg, [legacy[d] for d in step.deps])
-    for step in lora_steps():
+    for step in lora_steps():  # the old engine's record: a hash of the whole config, no content
         (tmp_path / step.name / "fingerprint.json").write_text(json.dumps(
-            {"fingerprint": legacy[step.name], "deps": step.deps, "overrides": step.overrides}))
+            {"fingerprint": "0123456789abcdef", "deps": step.deps, "overrides": step.overrides}))
     assert run(lora_steps(), tmp_path) == []
     record = json.loads((tmp_path / "tokenize" / "arc_easy" / "fingerprint.json").read_text())
-    assert "content" in record and record["legacy"]
+    assert "content" in record and record["fingerprint"] != "0123456789abcdef"
+    # an old record made with other overrides is redone, and what depends on it too
+    (tmp_path / "lora" / "piqa" / "fingerprint.json").write_text(json.dumps(
+        {"fingerprint": "0123456789abcdef", "deps": [], "overrides": ["stage=lora", "model=minilm", "dataset=piqa",
+                                                                       "lora.r=4"]}))
+    assert run(lora_steps(), tmp_path) == ["lora/piqa"]

@@ -9,8 +9,6 @@ resumes a step that was interrupted (no fingerprint yet) in place.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,9 +23,6 @@ from loragen.errors import ConfigError
 
 log = logging.getLogger(__name__)
 FINGERPRINT = rundir.STEP_RECORD
-# Before the content fingerprints (loragen.fingerprint), a step's fingerprint hashed its whole config but these;
-# a finished step recorded that way is still recognised (and its record upgraded) rather than redone.
-LEGACY_IGNORED_KEYS = ("tracker", "paths.cache_dir")
 
 
 @dataclass
@@ -87,18 +82,6 @@ def fingerprint(step_cfg: DictConfig, dep_prints: Iterable[str]) -> tuple[str, d
     return fp.digest(content), content
 
 
-def legacy_fingerprint(step_cfg: DictConfig, dep_prints: Iterable[str]) -> str:
-    data = OmegaConf.to_container(step_cfg, resolve=True)
-    for key in LEGACY_IGNORED_KEYS:
-        head, *rest = key.split(".")
-        if rest and head in data:
-            data[head].pop(rest[0], None)
-        else:
-            data.pop(head, None)
-    blob = json.dumps([data, sorted(dep_prints)], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict[str, dict]:
     """Run `steps` under `root`; `execute(step, cfg, step_dir)` runs one step.
 
@@ -121,38 +104,37 @@ def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict
         for step in wave:
             step_cfg = configs[step.name]
             digest, content = fingerprint(step_cfg, [status[d]["fingerprint"] for d in step.deps])
-            legacy = legacy_fingerprint(step_cfg, [status[d].get("legacy", status[d]["fingerprint"]) for d in step.deps])
             step_dir = root / step.name
             recorded = _read_record(step_dir)
             done = all((step_dir / o).exists() for o in step.outputs)
-            if recorded and done and (recorded.get("fingerprint") == digest or
-                                      ("content" not in recorded and recorded.get("fingerprint") == legacy)):
-                if recorded.get("fingerprint") != digest and runtime.is_main():  # a legacy record: upgrade it
-                    io.write_json(step_dir / FINGERPRINT, {**recorded, "fingerprint": digest, "content": content,
-                                                           "legacy": legacy})
+            if recorded and done and (recorded["fingerprint"] == digest or _legacy_same(recorded, step, status)):
+                if recorded["fingerprint"] != digest and runtime.is_main():  # a record from before content hashes
+                    io.write_json(step_dir / FINGERPRINT, {**recorded, "fingerprint": digest, "content": content})
+                    log.info("step %-28s recorded before content fingerprints; same step overrides and unchanged "
+                             "inputs: kept, its record upgraded", step.name)
                 log.info("step %-28s skipped (done, fingerprint %s)", step.name, digest)
-                status[step.name] = {"status": "skipped", "dir": str(step_dir), "fingerprint": digest, "legacy": legacy}
+                status[step.name] = {"status": "skipped", "dir": str(step_dir), "fingerprint": digest}
                 continue
-            if recorded and "fingerprint" in recorded and recorded["fingerprint"] not in (digest, legacy):
+            if recorded and recorded["fingerprint"] != digest:
                 why = fp.changed_keys(recorded["content"], content) if "content" in recorded else \
-                    ["(recorded before content fingerprints: its config differs)"]
+                    ["recorded before content fingerprints, with other step overrides or changed inputs"]
                 stale = _stale_name(step_dir)
                 step_dir.rename(stale)
                 moved.append(f"{step.name} -> {stale.name} ({'; '.join(why[:6])}{' ...' if len(why) > 6 else ''})")
                 log.info("step %-28s changed (%s): old outputs moved to %s", step.name, "; ".join(why[:6]), stale)
-            todo.append((step, step_cfg, step_dir, digest, content, legacy))
+            todo.append((step, step_cfg, step_dir, digest, content))
         t0 = time.perf_counter()
         if len(todo) > 1 and hasattr(execute, "run_many"):
             log.info("steps %s submitted together", ", ".join(t[0].name for t in todo))
             execute.run_many([(step, cfg, step_dir) for step, cfg, step_dir, *_ in todo])
-            for step, _, step_dir, digest, content, legacy in todo:
-                status[step.name] = _finish(step, step_dir, digest, content, legacy, time.perf_counter() - t0)
+            for step, _, step_dir, digest, content in todo:
+                status[step.name] = _finish(step, step_dir, digest, content, time.perf_counter() - t0)
         else:
-            for step, cfg, step_dir, digest, content, legacy in todo:
+            for step, cfg, step_dir, digest, content in todo:
                 log.info("step %-28s running in %s", step.name, step_dir)
                 t0 = time.perf_counter()
                 execute(step, cfg, step_dir)
-                status[step.name] = _finish(step, step_dir, digest, content, legacy, time.perf_counter() - t0)
+                status[step.name] = _finish(step, step_dir, digest, content, time.perf_counter() - t0)
     if moved:
         log.info("moved aside in this run (kept, not deleted):\n  %s", "\n  ".join(moved))
     return status
@@ -175,14 +157,22 @@ def _check_deps(steps: list[Step]) -> None:
             raise ConfigError(f"pipeline step {step.name} depends on {unknown}, which no step defines")
 
 
-def _finish(step: Step, step_dir: Path, digest: str, content: dict, legacy: str, seconds: float) -> dict:
+def _legacy_same(recorded: dict, step: Step, status: dict[str, dict]) -> bool:
+    """A record written before content fingerprints (no `content`) stands for this step when it was made with the
+    same step overrides and none of its inputs was redone in this run. (Its hash cannot be recomputed: the typed
+    configs render some values differently, e.g. lora.alpha 16 -> 16.0.)"""
+    return ("content" not in recorded and recorded.get("overrides") == step.overrides
+            and all(status[d]["status"] == "skipped" for d in step.deps))
+
+
+def _finish(step: Step, step_dir: Path, digest: str, content: dict, seconds: float) -> dict:
     missing = [o for o in step.outputs if not (step_dir / o).exists()]
     if missing:
         raise ConfigError(f"pipeline step {step.name} finished without its outputs {missing} in {step_dir}")
     if runtime.is_main():
         io.write_json(step_dir / FINGERPRINT, {"fingerprint": digest, "deps": step.deps, "overrides": step.overrides,
-                                               "seconds": round(seconds, 1), "content": content, "legacy": legacy})
-    return {"status": "done", "dir": str(step_dir), "fingerprint": digest, "legacy": legacy}
+                                               "seconds": round(seconds, 1), "content": content})
+    return {"status": "done", "dir": str(step_dir), "fingerprint": digest}
 
 
 def run_in_process(step: Step, cfg: DictConfig, step_dir: Path) -> None:
