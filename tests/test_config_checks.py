@@ -35,7 +35,7 @@ BAD = {
                  ("eval.sample_ratio=1.5", "eval.sample_ratio"), ("eval.num_fewshot=-1", "eval.num_fewshot"),
                  ("eval.adapters=/some/dir", "eval.adapters")],
     "tokenize": [("tokenize.scheme=zip", "tokenize.scheme"), ("tokenize.max_checkpoints=0", "tokenize.max_checkpoints"),
-                 ("tokenize.checkpoints=null", "tokenize.checkpoints")],
+                 ("tokenize.checkpoints=null", "tokenize.checkpoints is not set")],
     "generator": [("generator.objective=sft", "generator.objective"), ("generator.condition=labels", "generator.condition"),
                   ("generator.kernel_size=4", "generator.kernel_size"), ("generator.num_prompts=0", "generator.num_prompts"),
                   ("train.warmup_steps=-2", "train.warmup_steps"), ("generator.task.batch_size=0", "generator.task.batch_size")],

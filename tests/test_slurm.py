@@ -122,6 +122,7 @@ def test_pipeline_step_runs_as_a_slurm_job(slurm_cluster, tmp_path):
         assert len(ids) == 2 and ids[0].split("_")[0] == ids[1].split("_")[0] and ids[0] != ids[1], ids
         assert all((root / s.name / "data_summary.json").is_file() for s in pair)
 
+        (tmp_path / "nothing").mkdir()  # exists (a missing data dir is refused before submission) but holds no boolq
         broken = engine.Step("eval/broken", ["stage=evaluate", "model=tiny_qwen2", "dataset=boolq",
                                              f"paths.data_dir={tmp_path / 'nothing'}"], ["results.json"])
         with pytest.raises(LoragenError, match=r"1 of 1 pipeline step jobs failed: eval/broken .*not found in the "

@@ -85,7 +85,8 @@ def check_tokenize(cfg: DictConfig) -> None:
     _need(tk.chunk is None or tk.chunk >= 1, "tokenize.chunk", tk.chunk, "null or >= 1")
     _need(tk.token_shape is None or (len(tk.token_shape) == 2 and min(tk.token_shape) >= 1), "tokenize.token_shape",
           tk.token_shape, "null or [h, w] of positive ints")
-    _need(bool(tk.checkpoints), "tokenize.checkpoints", tk.checkpoints, "a lora run dir or a dir of PEFT adapters")
+    if not tk.checkpoints:
+        raise ConfigError("tokenize.checkpoints is not set; pass a lora run dir or a directory of PEFT adapter dirs")
 
 
 def check_generator(cfg: DictConfig) -> None:
@@ -113,7 +114,9 @@ def check_transfer(cfg: DictConfig) -> None:
 
     t = cfg.transfer
     _need(t.rank_svd >= 1, "transfer.rank_svd", t.rank_svd, ">= 1")
-    _need(0 <= t.similarity_threshold <= 1, "transfer.similarity_threshold", t.similarity_threshold, "in [0, 1]")
+    if not 0 <= t.similarity_threshold <= 1:
+        raise ConfigError(f"transfer.similarity_threshold={t.similarity_threshold:g} is outside [0, 1] (similarities "
+                          "lie in [0, 1])")
     _need(t.layer_map in LAYER_MAPS, "transfer.layer_map", t.layer_map, f"one of {LAYER_MAPS}")
 
 

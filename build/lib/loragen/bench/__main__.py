@@ -1,0 +1,70 @@
+"""Run the benchmarks, print a table, write bench/results.json and bench/results.md.
+
+A benchmark is a module of loragen.bench with a `run()` returning rows (name, metric, loragen, reference,
+ratio, ...). `scaling` has none: it estimates GPU resources from model shapes and runs on its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import sys
+import time
+from pathlib import Path
+
+import loragen.bench as pkg
+from loragen import io
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def benchmarks() -> list[str]:
+    """The names of the modules of loragen.bench that define run()."""
+    names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    return [n for n in names if callable(getattr(importlib.import_module(f"loragen.bench.{n}"), "run", None))]
+
+
+def main(argv: list[str], out: Path = Path("bench")) -> None:
+    known = benchmarks()
+    unknown = [n for n in argv if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; known: {known}")
+    names = argv or known
+    results = []
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"== bench {name}", flush=True)
+        rows = importlib.import_module(f"loragen.bench.{name}").run()
+        for row in rows if isinstance(rows, list) else [rows]:
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    report = {"machine": machine(), "results": results}
+    io.write_json(out / "results.json", report)
+    lines = [f"Machine: {report['machine']}", "", "| benchmark | metric | loragen | reference | ratio | target | notes |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['metric']} | {r['loragen']:.4g} | {r['reference']:.4g} | {r['ratio']:.2f} | "
+                     f"{r.get('target', '')} | {r.get('notes', '')} |")
+    io.write_text(out / "results.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"written: {out / 'results.json'}, {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

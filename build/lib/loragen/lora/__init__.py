@@ -1,0 +1,1 @@
+"""LoRA adapters: the one PEFT reader/writer, attaching LoRA with a shared init, tokenization, transfer."""

@@ -1,0 +1,160 @@
+"""stage=evaluate: the base model and any number of adapters on one or more datasets.
+
+Recipe: load the splits and the base model once, check every adapter fits, then for each
+(label, dataset) score through the one scorer (multiple choice) or generate and compute text
+metrics (prompt->text data, eval.method=generate), and write results.json, samples.jsonl,
+results.csv and results.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from loragen import io, rundir, runtime
+from loragen.data import LoadedSplit, dataset_specs, load_split
+from loragen.data.registry import data_options
+from loragen.errors import ConfigError
+from loragen.evaluation import EvalOutcome, GenerationSettings, TextEvalOutcome, evaluate_records, evaluate_texts
+from loragen.evaluation.adapters import AdapterSwitcher, check_adapter
+from loragen.evaluation.prompting import with_chat_template, with_fewshot
+from loragen.evaluation.results import result_entry, sample_rows, write_results
+from loragen.models import load_model
+from loragen.provenance import provenance
+from loragen.train_env import make_accelerator
+
+log = logging.getLogger(__name__)
+METHODS = ("loglikelihood", "generate")
+GENERATIVE = ("causal", "seq2seq")
+
+
+def run(cfg: DictConfig) -> dict:
+    out = runtime.run_dir()
+    if (out / rundir.RESULTS).is_file() and not cfg.eval.overwrite:
+        log.info("%s exists: evaluation already done (eval.overwrite=true to redo)", out / rundir.RESULTS)
+        return io.read_json(out / rundir.RESULTS)
+    if cfg.eval.method not in METHODS:
+        raise ConfigError(f"eval.method={cfg.eval.method!r}; expected one of {METHODS}")
+
+    # setup
+    accelerator = make_accelerator(cfg)
+    splits = load_eval_splits(cfg)
+    check_text_splits(cfg, splits)
+    generation = GenerationSettings.from_cfg(cfg.eval.generation, seed=cfg.seed)
+    lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device)
+    if cfg.eval.method == "generate" and lm.kind not in GENERATIVE:
+        raise ConfigError(f"eval.method=generate needs a causal or seq2seq LM; model {lm.name} is an {lm.kind}")
+    if cfg.eval.apply_chat_template:
+        splits = [s if s.is_text else _replace_records(s, with_chat_template(s.records, lm.tokenizer)) for s in splits]
+    labelled = labelled_adapters(cfg.eval.adapters)
+    for _, a in labelled:  # every adapter is checked before any scoring
+        check_adapter(lm.model, a)
+    runs = ([("base", None)] if cfg.eval.include_base else []) + labelled
+    if not runs:
+        raise ConfigError("nothing to evaluate: eval.include_base=false and eval.adapters is empty")
+
+    # loop
+    switcher = AdapterSwitcher(lm.model)
+    entries, samples = [], []
+    for label, path in runs:
+        model = switcher.use(path)
+        for split in splits:
+            outcome = evaluate_split(cfg, model, lm, split, generation, accelerator, desc=f"{label} {split.dataset}")
+            entries.append({**result_entry(label, path, lm.name, lm.path, split, outcome), "role": role_of(label, path)})
+            samples += sample_rows(label, split.dataset, outcome)
+            log_outcome(label, split.dataset, outcome)
+
+    # save
+    result = {"results": entries, "provenance": provenance(cfg, {s.dataset: s.sha256 for s in splits}, accelerator.num_processes)}
+    if runtime.is_main():
+        write_results(out, entries, samples, result["provenance"])
+        print((out / rundir.RESULTS_MD).read_text())
+        log.info("results in %s", out / rundir.RESULTS)
+    return result
+
+
+def evaluate_split(cfg: DictConfig, model, lm, split: LoadedSplit, generation: GenerationSettings, accelerator,
+                   desc: str) -> EvalOutcome | TextEvalOutcome:
+    if split.is_text:
+        return evaluate_texts(model, lm.tokenizer, lm.kind, split.records, generation=generation,
+                              batch_size=cfg.eval.batch_size, language=split.meta.get("language"),
+                              accelerator=accelerator, desc=desc)
+    letters = replace(generation, max_new_tokens=cfg.eval.generation.letter_max_new_tokens)
+    return evaluate_records(model, lm.tokenizer, lm.kind, split.records, batch_size=cfg.eval.batch_size,
+                            accelerator=accelerator, desc=desc, has_acc_norm=split.has_acc_norm,
+                            method=cfg.eval.method, generation=letters)
+
+
+def log_outcome(label: str, dataset: str, outcome: EvalOutcome | TextEvalOutcome) -> None:
+    if isinstance(outcome, TextEvalOutcome):
+        m = outcome.metrics
+        log.info("%-24s %-14s BLEU-4 %.2f  ROUGE-L %.4f  EM %.4f  success %.4f  (n=%d, %.1fs)", label, dataset,
+                 m["bleu"], m["rouge_l"], m["exact_match"], m["success_rate"], outcome.n, outcome.seconds)
+    else:
+        log.info("%-24s %-14s acc %.4f ± %.4f%s  (n=%d, %.1fs)", label, dataset, outcome.acc, outcome.acc_stderr,
+                 "" if outcome.acc_norm is None else f"  acc_norm {outcome.acc_norm:.4f}", outcome.n, outcome.seconds)
+
+
+def load_eval_splits(cfg: DictConfig) -> list[LoadedSplit]:
+    splits = []
+    for spec in dataset_specs(cfg.dataset):
+        split = load_split(
+            spec, cfg.eval.split or spec.eval_split, limit=cfg.eval.limit, sample_ratio=cfg.eval.sample_ratio,
+            **data_options(cfg),
+        )
+        if cfg.eval.num_fewshot and not split.is_text:
+            pool = load_split(spec, cfg.eval.fewshot_split or spec.train_split, **data_options(cfg))
+            split = _replace_records(split, with_fewshot(split.records, pool.records, cfg.eval.num_fewshot, cfg.seed))
+        splits.append(split)
+    return splits
+
+
+def check_text_splits(cfg: DictConfig, splits: list[LoadedSplit]) -> None:
+    """Prompt->text data is evaluated by eval.method=generate alone; the multiple-choice prompt options do not apply."""
+    for s in (s for s in splits if s.is_text):
+        if cfg.eval.method != "generate":
+            raise ConfigError(f"dataset {s.dataset} holds prompt->text records (no choices to score): "
+                              f"eval.method={cfg.eval.method} cannot evaluate it; use eval.method=generate")
+        if cfg.eval.num_fewshot:
+            raise ConfigError(f"dataset {s.dataset} holds prompt->text records: eval.num_fewshot={cfg.eval.num_fewshot} "
+                              "applies to multiple-choice data only; use 0")
+        if cfg.eval.apply_chat_template:
+            raise ConfigError(f"dataset {s.dataset} holds prompt->text records: eval.apply_chat_template applies to "
+                              "multiple-choice data only; prompts are rendered by eval.generation.chat_template "
+                              "(auto | true | false)")
+
+
+def labelled_adapters(adapters) -> list[tuple[str, str]]:
+    """(label, path) of eval.adapters: a list of dirs (labels from their names) or a {label: dir} mapping."""
+    if adapters is None:
+        return []
+    if isinstance(adapters, (dict, DictConfig)):
+        return [(str(k), str(Path(v))) for k, v in adapters.items()]
+    if isinstance(adapters, str):
+        raise ConfigError(f"eval.adapters={adapters!r}; expected a list of adapter dirs ([dir,...]) or {{label: dir}}")
+    paths = [str(Path(a)) for a in adapters]
+    return list(zip(adapter_labels(paths), paths))
+
+
+def role_of(label: str, path: str | None) -> str:
+    """An entry's role in results.json: base; with eval.adapters={label: dir}, the label's first `/` part (the dnd
+    pipeline's oracle, lora, average, nearest, multitask, generated, generated-<variant>); else adapter."""
+    if path is None:
+        return "base"
+    return label.split("/")[0] if "/" in label or label in ROLE_LABELS else "adapter"
+
+
+ROLE_LABELS = ("oracle", "average", "nearest", "multitask")
+
+
+def adapter_labels(paths: list[str]) -> list[str]:
+    """The directory name, or its last two parts where names repeat (e.g. several `final/`)."""
+    names = [Path(p).name for p in paths]
+    return [n if names.count(n) == 1 else "/".join(Path(p).parts[-2:]) for n, p in zip(names, paths)]
+
+
+def _replace_records(split: LoadedSplit, records) -> LoadedSplit:
+    return replace(split, records=list(records))
