@@ -1,6 +1,7 @@
 """A built wheel runs anywhere: installed into a fresh environment without the source tree on the path."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,8 +17,14 @@ def _run(cmd, **kw):
 
 
 def test_wheel_installs_and_runs_from_another_directory(tmp_path):
+    # build from a copy of the packaging inputs: setuptools writes build/ next to setup.py, never into the repo
+    src = tmp_path / "src-copy"
+    for name in ("src", "conf"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)])
+    _run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)])
     (wheel,) = dist.glob("loragen-*.whl")
     # A fresh venv that sees the dependencies (the test venv's site-packages, added by a .pth file, whose own
     # .pth files, among them the editable install's path to src/, are not processed) but not the source tree.

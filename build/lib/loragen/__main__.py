@@ -1,3 +1,0 @@
-from loragen.cli import main
-
-main()

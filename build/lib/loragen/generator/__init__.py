@@ -1,1 +1,0 @@
-"""Prompt-to-weights: the training data of the HyperConv generator, its baselines and its checkpoint."""

@@ -1,1 +1,0 @@
-"""Pipelines: a recipe's steps (each a stage run with its own overrides), skipped when done, rerun when changed."""

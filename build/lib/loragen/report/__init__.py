@@ -1,1 +1,0 @@
-"""Reports: what the runs recorded, as report.md with PNG plots (stage=report)."""
