@@ -46,7 +46,8 @@ def dataset_prompts(cfg: DictConfig, name: str, split: str, known: dict | None =
 def descriptions(cfg: DictConfig, name: str, known: dict | None = None) -> list[str]:
     """The task descriptions of dataset `name` (a sub-task has its dataset's): its config's `description` list."""
     spec = dataset_spec(cfg, name, known)
-    texts = [str(t).strip() for t in (spec.get("description") or []) if str(t).strip()]
+    listed = spec.get("description") or (spec.get("mc") or {}).get("description") or []  # *_instruct: its mc dataset's
+    texts = [str(t).strip() for t in listed if str(t).strip()]
     if not texts:
         raise ConfigError(f"dataset {spec.name} has no `description:` list in its config; "
                           f"generator.condition=description needs a few one-sentence task descriptions there")

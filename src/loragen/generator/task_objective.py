@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from loragen.errors import ConfigError
 from loragen.lora.adapter_io import PEFT_PREFIX
-from loragen.lora.init import attach_lora
+from loragen.lora.init import attach_lora, disable_dropout
 from loragen.lora.tokenize import Layout
 from loragen.lora.tokenize.codec import decode_differentiable, encode_dnd, padded_tokens
 from loragen.models.registry import LoadedModel
@@ -41,8 +41,6 @@ class FunctionalLoRA:
     objective with the LoRA tensors decoded from `tokens` [T, h, w] (differentiably)."""
 
     def __init__(self, lm: LoadedModel, layout: Layout, objective: Objective, init_seed: int = 0):
-        from loragen.stages.lora import disable_dropout
-
         adapter_config = layout.adapter_config
         r = int(adapter_config["r"])
         disable_dropout(lm.model)

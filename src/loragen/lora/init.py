@@ -53,3 +53,18 @@ def seed_lora_init(peft_model: torch.nn.Module, init_seed: int, adapter_name: st
 
 def _module_seed(init_seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{init_seed}:{name}".encode()).digest()[:8], "big") % (2**63)
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of the base model to p=0 (before LoRA adds its own lora_dropout); returns how many.
+
+    MiniLM trains with hidden and attention dropout 0.1 in train mode; with it on, 100 steps of its LoRA
+    gained ARC-Easy +0.8 pt, with it off +1.6 pt (issue 4's note). Causal LMs here have dropout 0 anyway.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, count = 0.0, count + 1
+        elif isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
+            module.attention_dropout, count = 0.0, count + 1  # Llama/Qwen-style attention keeps a float, not a module
+    return count

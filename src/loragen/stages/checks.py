@@ -103,8 +103,9 @@ def check_generator(cfg: DictConfig) -> None:
 
 def check_generate(cfg: DictConfig) -> None:
     g = cfg.generate
-    _need(bool(g.checkpoint), "generate.checkpoint", g.checkpoint, "the run dir of a stage=generator run")
-    _need(g.num_adapters >= 1, "generate.num_adapters", g.num_adapters, ">= 1")
+    if not g.checkpoint:
+        raise ConfigError("generate.checkpoint is not set: give the run dir of a stage=generator run")
+    _need(g.num_adapters >= 1, "generate.num_adapters", g.num_adapters, "at least 1")
     if g.prompts and g.descriptions:
         raise ConfigError("generate.prompts and generate.descriptions are both set; give one")
 

@@ -31,19 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    g = cfg.generate
-    if not g.checkpoint:
-        raise ConfigError("generate.checkpoint is not set: give the run dir of a stage=generator run")
-    if int(g.num_adapters) < 1:
-        raise ConfigError(f"generate.num_adapters={g.num_adapters}; expected at least 1")
+    g = cfg.generate  # checked by loragen.stages.checks.check_generate before this runs
     out = runtime.run_dir()
 
     # setup: the generator, its encoder, the prompts
     gen_cfg = generator_config(cfg)
     model, layout, meta = load_generator(g.checkpoint, gen_cfg)
     if g.descriptions:
-        if g.prompts:
-            raise ConfigError("generate.prompts and generate.descriptions are both set; give one")
         source = "generate.descriptions"
         prompts = [str(t).strip() for t in g.descriptions if str(t).strip()]
         if not prompts:

@@ -3,9 +3,13 @@
     loragen stage=generator dataset=commonsense6 generator.heldout=arc_challenge \
         generator.tokens.arc_easy=<tokenize run> generator.tokens.arc_challenge=<tokenize run> ...
 
-Each training sample pairs a random checkpoint of dataset d with a fresh random batch of N cached
-prompts of d (its train split's unlabeled questions; a sub-task `<dataset>@<group>` in generator.datasets:
-those of its group, see loragen.data.subtasks). With `generator.heldout=<d>`, d is left out of
+generator.objective=reconstruction (default): each training sample pairs a random checkpoint of dataset d with
+a fresh random batch of N cached prompts of d; =task: the batch of prompts with a labeled mini-batch of d, the
+generated LoRA applied to the frozen base model and trained on stage=lora's loss (loragen.generator.task_objective);
+=mix: both losses, weighted by loss.recon_weight / loss.task_weight. generator.condition=description takes the
+prompts from the dataset configs' task descriptions instead of its questions. The questions are the train
+split's, unlabeled (a sub-task `<dataset>@<group>` in generator.datasets: those of its group, see
+loragen.data.subtasks). With `generator.heldout=<d>`, d is left out of
 training; every `train.eval_every` steps the generator rebuilds d's LoRA from its eval-split prompts
 and the errors are logged, and at the end it is compared with the baselines (see generator.baselines):
 the held-out dataset's own LoRA (oracle), the weight average of the training LoRAs, the training LoRA
