@@ -72,6 +72,51 @@ def test_residual_mode_starts_at_the_mean_and_learns():
     assert "base" in dec.state_dict()
 
 
+def test_border_bound_squashes_only_the_border_codes():
+    """dnd tokens (r+2) x (c+2): top row + left column hold the mean code, bottom row + right column the std
+    code. The bound must cap the moves of exactly those cells at +-m / +-s and leave the data cells alone."""
+    from loragen.lora.tokenize.codec import decode_stats
+    from loragen.models.hyperconv import bound_borders
+
+    r, c, m, s = 2, 3, 0.1, 0.5
+    x = torch.full((1, r + 2, c + 2), 50.0, requires_grad=True)
+    y = bound_borders(x, m, s)
+    mean_cells = [(0, j) for j in range(c + 2)] + [(i, 0) for i in range(1, r + 1)]
+    std_cells = [(r + 1, j) for j in range(c + 2)] + [(i, c + 1) for i in range(1, r + 1)]
+    for i, j in mean_cells:
+        assert 0.099 < float(y[0, i, j]) <= m + 1e-6
+    for i, j in std_cells:
+        assert 0.49 < float(y[0, i, j]) <= s + 1e-6
+    data = y[0, 1 : r + 1, 1 : c + 1]
+    assert torch.equal(data, torch.full_like(data, 50.0))
+    # near zero the bound is the identity (tanh'(0) = 1): an untrained residual generator is unchanged
+    small = torch.full((1, r + 2, c + 2), 1e-4)
+    torch.testing.assert_close(bound_borders(small, m, s), small, rtol=1e-6, atol=0)
+    # gradients still flow through a saturated-but-finite border
+    bound_borders(torch.full((1, r + 2, c + 2), 0.3, requires_grad=True), m, s).sum().backward()
+    # a bounded move of the lora_B std code (init code at the floor) keeps the chunk's std below ~0.07
+    floor_code = torch.tensor(-0.7025850929940455)
+    _, std = decode_stats(torch.tensor(0.0), floor_code + s)
+    assert float(std) < 0.08
+
+
+def test_decoder_with_border_bound_keeps_the_residual_start_and_rejects_bad_bounds():
+    torch.manual_seed(0)
+    base = torch.randn(3, 4, 6)
+    dec = HyperConvDecoder(CHAIN, kernel_size=3, base=base, border_bound=[0.1, 0.5])
+    assert torch.equal(dec(torch.randn(2, 4, 8, 12)), base.expand(2, -1, -1, -1))
+    with torch.no_grad():
+        dec.layers[-1].channel_conv.bias.fill_(100.0)
+    delta = dec(torch.randn(1, 4, 8, 12))[0] - base
+    assert float(delta[:, 0, :].abs().max()) <= 0.1 + 1e-5  # mean codes
+    assert float(delta[:, -1, :].abs().max()) <= 0.5 + 1e-5  # std codes
+    assert float(delta[:, 1:-1, 1:-1].abs().min()) > 1.0  # data cells unbounded
+    with pytest.raises(ConfigError, match="border_bound"):
+        HyperConvDecoder(CHAIN, kernel_size=3, border_bound=[0.1])
+    with pytest.raises(ConfigError, match="border_bound"):
+        HyperConvDecoder(CHAIN, kernel_size=3, border_bound=[0.1, -1.0])
+
+
 def test_shape_errors_name_both_shapes():
     dec = HyperConvDecoder(CHAIN, kernel_size=3)
     with pytest.raises(ConfigError, match=r"\[4, 9, 12\].*\[4, 8, 12\]"):

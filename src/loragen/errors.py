@@ -15,3 +15,12 @@ class ConfigError(LoragenError):
 
 class CheckpointError(LoragenError):
     """A corrupt, mismatched or unreadable checkpoint or adapter."""
+
+
+class Interrupted(LoragenError):
+    """A run stopped by SIGTERM or SIGINT after saving its state; the CLI prints the message and exits with
+    `exit_code` (128 + the signal number: 143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -123,6 +123,7 @@ class GeneratorSchema:
     features: List[List[int]] = MISSING
     kernel_size: int = MISSING
     residual: bool = MISSING
+    border_bound: Optional[List[float]] = MISSING
     noise_cond: float = MISSING
     noise_target: float = MISSING
 

@@ -25,7 +25,7 @@ META = "generator.json"
 
 
 # The keys that define the decoder and its input; the others (datasets, noise, pool size) only shape training.
-ARCH_KEYS = ("encoder", "num_prompts", "prompt_len", "features", "kernel_size", "residual")
+ARCH_KEYS = ("encoder", "num_prompts", "prompt_len", "features", "kernel_size", "residual", "border_bound")
 
 
 def generator_config(cfg: DictConfig) -> dict[str, Any]:
@@ -65,6 +65,7 @@ def config_diff(saved: Any, current: Any, prefix: str = "generator") -> list[str
 def load_generator(path: str | Path, gen_cfg: dict[str, Any]) -> tuple[HyperConvDecoder, Layout, dict[str, Any]]:
     """The trained decoder, its layout and metadata; refuses a checkpoint made with another generator config."""
     meta = read_meta(path)
+    meta["generator"].setdefault("border_bound", None)  # checkpoints from before the key
     diff = config_diff(meta["generator"], gen_cfg)
     if diff:
         raise CheckpointError(f"generator checkpoint {path} was trained with another generator config; "
@@ -75,7 +76,8 @@ def load_generator(path: str | Path, gen_cfg: dict[str, Any]) -> tuple[HyperConv
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{d / WEIGHTS}: cannot read the generator weights ({e})") from None
     base = state.get("base")
-    model = HyperConvDecoder(gen_cfg["features"], gen_cfg["kernel_size"], base=base)
+    model = HyperConvDecoder(gen_cfg["features"], gen_cfg["kernel_size"], base=base,
+                             border_bound=gen_cfg["border_bound"])
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -55,9 +55,11 @@ class HyperConvDecoder(nn.Module):
     layer never has a skip connection: its output is the token tensor (or its difference from base).
     """
 
-    def __init__(self, features: Sequence[Sequence[int]], kernel_size: int, base: torch.Tensor | None = None):
+    def __init__(self, features: Sequence[Sequence[int]], kernel_size: int, base: torch.Tensor | None = None,
+                 border_bound: Sequence[float] | None = None):
         super().__init__()
         self.features = check_features(features, kernel_size)
+        self.border_bound = None if border_bound is None else check_border_bound(border_bound, self.features[-1])
         self.layers = nn.ModuleList(
             HyperConv(i, o, kernel_size) for i, o in pairwise(self.features)
         )
@@ -93,7 +95,38 @@ class HyperConvDecoder(nn.Module):
         for layer, skip in zip(self.layers, self.skips, strict=True):
             y = layer(x)
             x = x + y if skip else y
+        if self.border_bound is not None:
+            x = bound_borders(x, *self.border_bound)
         return x + self.base if self.base is not None else x
+
+
+def check_border_bound(bound: Sequence[float], out_shape: Shape) -> tuple[float, float]:
+    if len(bound) != 2 or min(float(b) for b in bound) <= 0:
+        raise ConfigError(f"generator.border_bound = {list(bound)}; expected [mean code, std code] half-widths > 0 "
+                          f"(or null)")
+    if min(out_shape[1:]) < 3:
+        raise ConfigError(f"generator.border_bound needs dnd tokens ((r+2) x (c+2) with a border); the output "
+                          f"tokens are {list(out_shape[1:])}")
+    return float(bound[0]), float(bound[1])
+
+
+def bound_borders(x: torch.Tensor, mean_width: float, std_width: float) -> torch.Tensor:
+    """Squash the dnd border cells of `x` [..., r+2, c+2] smoothly into +-width (`w * tanh(v / w)`).
+
+    The border cells are the mean code (top row, left column) and the std code (bottom row, right column) of
+    each token's chunk; decoding turns the std code into exp(code), so an unbounded move of a few units
+    multiplies a whole chunk of the adapter by orders of magnitude (the collapse of the task-objective
+    generators in the README). The data cells (z-scores) stay as they are.
+    """
+    h, w = x.shape[-2:]
+    mean_mask = torch.zeros(h, w, dtype=torch.bool, device=x.device)
+    mean_mask[0, :] = True
+    mean_mask[1 : h - 1, 0] = True
+    std_mask = torch.zeros_like(mean_mask)
+    std_mask[h - 1, :] = True
+    std_mask[1 : h - 1, w - 1] = True
+    x = torch.where(mean_mask, mean_width * torch.tanh(x / mean_width), x)
+    return torch.where(std_mask, std_width * torch.tanh(x / std_width), x)
 
 
 def check_features(features: Sequence[Sequence[int]], kernel_size: int) -> list[Shape]:

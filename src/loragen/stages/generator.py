@@ -99,7 +99,8 @@ def run(cfg: DictConfig) -> dict:
     if gen_cfg["residual"]:
         base = flora.init_tokens() if objective == "task" else mean_checkpoint(tasks)
     torch.manual_seed(cfg.train.seed)  # the init depends on the seed alone, not on what ran before
-    model = HyperConvDecoder(gen_cfg["features"], gen_cfg["kernel_size"], base=base)
+    model = HyperConvDecoder(gen_cfg["features"], gen_cfg["kernel_size"], base=base,
+                             border_bound=gen_cfg["border_bound"])
     weights = token_weights(mean_token_std(tasks)) if needs_targets else None
     samples = PairSamples(tasks, int(g.num_prompts), noise_cond=float(g.noise_cond),
                           noise_target=float(g.noise_target), seed=cfg.train.seed, targets=needs_targets,
