@@ -98,6 +98,28 @@ def test_task_gradient_reaches_every_generator_parameter_and_no_base_parameter_a
     assert last < first - 0.05, (first, last)
 
 
+def test_residual_base_with_zero_std_decodes_to_the_init_and_gives_lora_b_cells_a_gradient(paths):
+    cfg, peft, tokens, batch, objective = _setup("minilm", paths, r=2)
+    flora = FunctionalLoRA(load_model(cfg.model, paths, "fp32", "cpu"), tokens.layout, objective)
+    floor, live = flora.init_tokens(), flora.init_tokens(zero_std=0.01)
+    a, b = decode_differentiable(floor, tokens.layout), decode_differentiable(live, tokens.layout)
+    for k in a:  # the same adapter: lora_A the seeded init, lora_B exactly zero
+        assert torch.equal(a[k], b[k]), k
+        if "lora_B" in k:
+            assert float(b[k].abs().max()) == 0.0
+    r, c = tokens.layout.rank, tokens.layout.chunk
+    b_tokens = [t for s in tokens.layout.tensors if "lora_B" in s.name
+                for t in range(s.first_token, s.first_token + s.num_tokens)]
+    grads = {}
+    for name, base in (("floor", floor), ("live", live)):
+        t = base.clone().requires_grad_(True)
+        loss, units = flora.loss(t, batch)
+        (loss / units).backward()
+        grads[name] = float(t.grad[b_tokens, 1 : r + 1, 1 : c + 1].abs().sum())
+    # d lora_B / d cell = the chunk's std: 1e-8 at the floor, 0.01 with zero_std (a factor 1e6 in the gradient)
+    assert grads["live"] > 0 and grads["floor"] < grads["live"] * 1e-5, grads
+
+
 @pytest.fixture(scope="module")
 def token_dirs(tmp_path_factory):
     return write_token_dirs(tmp_path_factory.mktemp("tokens"))

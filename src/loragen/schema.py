@@ -133,6 +133,7 @@ class GeneratorTaskSchema:
     batch_size: int = MISSING
     max_length: int = MISSING
     temperature: float = MISSING
+    zero_std: float = MISSING
 
 
 @dataclass

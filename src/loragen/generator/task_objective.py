@@ -20,7 +20,7 @@ from loragen.errors import ConfigError
 from loragen.lora.adapter_io import PEFT_PREFIX
 from loragen.lora.init import attach_lora, disable_dropout
 from loragen.lora.tokenize import Layout
-from loragen.lora.tokenize.codec import decode_differentiable, encode_dnd, padded_tokens
+from loragen.lora.tokenize.codec import decode_differentiable, encode_dnd, encode_stats, padded_tokens
 from loragen.models.registry import LoadedModel
 from loragen.train.objectives import Objective, make_objective
 
@@ -61,15 +61,27 @@ class FunctionalLoRA:
         params = {f"model.{k}": v for k, v in self.tensors(tokens).items()}
         return torch.func.functional_call(self._module, params, (batch,), strict=False)
 
-    def init_tokens(self) -> torch.Tensor:
+    def init_tokens(self, zero_std: float = 0.0) -> torch.Tensor:
         """The tokens of the adapter as attached (lora_A from the shared init seed, lora_B zero): the task
-        objective's residual base, so an untrained generator returns the common starting point of every LoRA."""
+        objective's residual base, so an untrained generator returns the common starting point of every LoRA.
+
+        A zero chunk (lora_B) encodes with the std floor, and its data cells decode as `mean + cell * std`: at
+        std 1e-8 they carry no gradient, so the only way to move lora_B would be its chunks' mean codes (a uniform
+        shift of 64 weights at once; the collapse in the README). `zero_std` > 0 gives zero chunks that std code
+        instead: they still decode to exactly zero (their data cells are 0), and a data cell's move of 1 is a
+        move of `zero_std` in one weight."""
         if self.layout.scheme != "dnd":
             raise ConfigError("the task objective's residual base needs tokenize.scheme=dnd (self-describing tokens)")
         params = dict(self.peft.named_parameters())
         state = {saved: params[name].detach().float() for saved, name in self.names.items()}
         out = torch.zeros(self.layout.shape)
-        encode_dnd(state, self.layout, out, padded_tokens(self.layout))
+        _, std = encode_dnd(state, self.layout, out, padded_tokens(self.layout))
+        if zero_std > 0:
+            zero = std < 1e-6  # the floor as it decodes from an fp32 code (not exactly STD_FLOOR)
+            _, code = encode_stats(torch.zeros(()), torch.tensor(float(zero_std)))
+            r, c = self.layout.rank, self.layout.chunk
+            out[zero, r + 1, :] = code
+            out[zero, 1 : r + 1, c + 1] = code
         return out
 
 

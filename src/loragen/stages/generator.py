@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> dict:
         flora = FunctionalLoRA(lm, layout, task_objective(lm, g.task, tasks[0].records), init_seed=int(g.init_seed))
     base = None
     if gen_cfg["residual"]:
-        base = flora.init_tokens() if objective == "task" else mean_checkpoint(tasks)
+        base = flora.init_tokens(float(g.task.zero_std)) if objective == "task" else mean_checkpoint(tasks)
     torch.manual_seed(cfg.train.seed)  # the init depends on the seed alone, not on what ran before
     model = HyperConvDecoder(gen_cfg["features"], gen_cfg["kernel_size"], base=base,
                              border_bound=gen_cfg["border_bound"])
@@ -175,6 +175,8 @@ def check_objective(cfg: DictConfig) -> tuple[str, str]:
             raise ConfigError(f"generator.task.batch_size={g.task.batch_size}; expected >= 1 labeled records a sample")
         if float(g.task.temperature) <= 0:
             raise ConfigError(f"generator.task.temperature={g.task.temperature}; expected > 0")
+    if objective != "reconstruction" and float(g.task.zero_std) < 0:
+        raise ConfigError(f"generator.task.zero_std={g.task.zero_std}; expected >= 0 (0: the std floor)")
     if objective == "mix" and min(cfg.loss.recon_weight, cfg.loss.task_weight) < 0:
         raise ConfigError(f"loss.recon_weight={cfg.loss.recon_weight}, loss.task_weight={cfg.loss.task_weight}; "
                           "expected weights >= 0")
