@@ -33,6 +33,19 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages: a bench ratio is only comparable with one measured under similar load."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def busy(before: list[float] | None, after: list[float] | None, cores: int | None) -> bool:
+    """True when the 1-minute load before or after a benchmark exceeded the core count (others were running)."""
+    return any(v is not None and cores and v[0] > cores for v in (before, after))
+
+
 def benchmarks() -> list[str]:
     """The names of the modules of loragen.bench that define run()."""
     names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
@@ -48,19 +61,26 @@ def main(argv: list[str], out: Path = Path("bench")) -> None:
     results = []
     for name in names:
         t0 = time.perf_counter()
-        print(f"== bench {name}", flush=True)
+        load0 = load_average()
+        print(f"== bench {name} (load average {load0})", flush=True)
         rows = importlib.import_module(f"loragen.bench.{name}").run()
+        load1 = load_average()
         for row in rows if isinstance(rows, list) else [rows]:
             row["seconds"] = round(time.perf_counter() - t0, 1)
+            row["load_before"], row["load_after"] = load0, load1
+            if busy(load0, load1, os.cpu_count()):
+                row["notes"] = (row.get("notes", "") + " BUSY: load above the core count").strip()
             results.append(row)
             print(json.dumps(row), flush=True)
     report = {"machine": machine(), "results": results}
     io.write_json(out / "results.json", report)
-    lines = [f"Machine: {report['machine']}", "", "| benchmark | metric | loragen | reference | ratio | target | notes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Machine: {report['machine']}", "",
+             "| benchmark | metric | loragen | reference | ratio | target | load (1 min) before/after | notes |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        load = "/".join("?" if v is None else f"{v[0]:.2f}" for v in (r["load_before"], r["load_after"]))
         lines.append(f"| {r['name']} | {r['metric']} | {r['loragen']:.4g} | {r['reference']:.4g} | {r['ratio']:.2f} | "
-                     f"{r.get('target', '')} | {r.get('notes', '')} |")
+                     f"{r.get('target', '')} | {load} | {r.get('notes', '')} |")
     io.write_text(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
