@@ -9,7 +9,7 @@ export SWANLAB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-full bench lint clean
+.PHONY: install demo test test-full gpu-check bench lint clean
 
 install: $(STAMP)
 
@@ -21,14 +21,25 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# make demo RUN_DIR=<dir>: the demo in that run dir; the same command again resumes it (finished steps are
+# skipped). ARGS: more Hydra overrides, e.g. make demo RUN_DIR=/tmp/demo ARGS="+debug=tiny".
+RUN_DIR ?=
+ARGS    ?=
+
 demo: $(STAMP)
-	$(VENV)/bin/loragen experiment=dnd_minilm
+	$(VENV)/bin/loragen experiment=dnd_minilm $(if $(RUN_DIR),"hydra.run.dir=$(RUN_DIR)") $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -m "not slow" -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	$(VENV)/bin/pytest -m "not slow and not gpu" -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
+# Everything, the GPU tests (tests/gpu) included: without CUDA they are reported skipped with the reason.
 test-full: $(STAMP)
 	$(VENV)/bin/pytest -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+# A GPU machine's first command: `pytest -m gpu`, then one timed step of each GPU experiment against the
+# README's Scaling estimates -> bench/gpu_check.json. Exit 0 passed, 1 failed, 3 no CUDA device.
+gpu-check: $(STAMP)
+	@PY=$(PY) bash scripts/gpu_check.sh
 
 bench: $(STAMP)
 	$(PY) -m loragen.bench

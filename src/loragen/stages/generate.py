@@ -49,13 +49,15 @@ def run(cfg: DictConfig) -> dict:
     if (origin["split"] == DESCRIPTION) != (meta.get("condition", "prompts") == "description"):
         log.warning("the generator was trained on %s but is given %s", meta.get("condition", "prompts"),
                     "task descriptions" if origin["split"] == DESCRIPTION else "prompts")
+    device = _device(cfg)
+    model.to(device)
     t0 = time.perf_counter()
-    encoder = load_text_encoder(cfg.generator.encoder, cfg.paths, gen_cfg["prompt_len"])
+    encoder = load_text_encoder(cfg.generator.encoder, cfg.paths, gen_cfg["prompt_len"], device=device)
     load_seconds = time.perf_counter() - t0
     batches = prompt_batches(len(prompts), gen_cfg["num_prompts"], int(g.num_adapters), int(g.seed),
                              strict=bool(g.strict), what=f"generate.prompts={source}")
 
-    # generate: encode, decode, detokenize, write
+    # generate: encode and decode on hardware.device (fp32), detokenize on the CPU (copies), write
     records = []
     for i, idx in enumerate(runtime.progress(batches, len(batches), "generate")):
         batch = [prompts[j] for j in idx.tolist()]
@@ -63,7 +65,7 @@ def run(cfg: DictConfig) -> dict:
         states = encoder.encode(batch)
         encoded = time.perf_counter()
         with torch.no_grad():
-            tokens = model(states.unsqueeze(0))[0]
+            tokens = model(states.to(device).unsqueeze(0))[0]
         adapter = detokenize(tokens, layout)
         decoded = time.perf_counter()
         name = rundir.generated_name(i)
@@ -75,7 +77,7 @@ def run(cfg: DictConfig) -> dict:
                         "seconds": decoded - start})
 
     summary = {
-        "checkpoint": str(g.checkpoint), "prompts": origin, "num_prompts_available": len(prompts),
+        "checkpoint": str(g.checkpoint), "device": device, "prompts": origin, "num_prompts_available": len(prompts),
         "encoder_load_seconds": load_seconds, "adapters": records,
         "mean_seconds_per_adapter": sum(r["seconds"] for r in records) / len(records),
     }
@@ -84,6 +86,14 @@ def run(cfg: DictConfig) -> dict:
     log.info("generated %d adapters in %s (%.3f s each, encoder included)", len(records), out / rundir.ADAPTERS,
              summary["mean_seconds_per_adapter"])
     return summary
+
+
+def _device(cfg: DictConfig) -> str:
+    """hardware.device, refused in one line when it names CUDA on a machine without it."""
+    device = str(cfg.hardware.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"hardware.device={device} but torch finds no CUDA device here; use hardware=cpu")
+    return device
 
 
 def _default_source(cfg: DictConfig, meta: dict) -> str:
