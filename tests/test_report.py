@@ -145,7 +145,7 @@ def table_rows(text: str, header_start: str) -> dict[str, list[str]]:
 def test_report_files_and_valid_pngs(report):
     text = (report / "report.md").read_text()
     pngs = sorted(p.name for p in report.glob("*.png"))
-    assert pngs == ["accuracy_piqa.png", "curves_generator.png", "curves_lora.png", "similarity_evaluate_piqa.png",
+    assert pngs == ["accuracy_piqa.png", "curves_generator.png", "curves_lora.png", "similarity_adapters_piqa.png",
                     "similarity_lora_arc_easy.png", "similarity_lora_piqa.png", "timing.png"]
     for name in pngs:
         with Image.open(report / name) as im:
@@ -271,6 +271,10 @@ def test_dnd_recipe_ends_with_a_report(tmp_path):
     assert rows["oracle"][-1] == f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
     assert (run / "report" / "timing.png").is_file() and (run / "report" / "similarity_lora_piqa.png").is_file()
     assert "| piqa |" in text  # the timing row of the held-out dataset
+    # the forest plot is the report's first figure, and the pipeline draws it next to table.md too
+    assert [line for line in text.splitlines() if line.startswith("![")][0].endswith("(forest.png)")
+    assert (run / "report" / "forest.png").is_file() and (run / "forest.png").is_file()
+    assert "computed from the evaluate steps" in text
 
 
 # ---------------------------------------------------------------- prompt -> text runs

@@ -4,8 +4,9 @@ Steps: a LoRA trajectory per dataset (all from one init seed) -> tokenize each -
 held-out dataset h: a generator trained on the others -> generate adapters from h's unlabeled
 prompts -> evaluate on h: the base model, every dataset's final LoRA (h's own is the oracle),
 the weight average and the nearest-prompt LoRA of the training datasets, and the generated
-adapters. The table reports each against the base with a paired bootstrap 95% interval; the last
-step (stage=report) draws the curves, accuracy charts, similarity matrices and timing into report/.
+adapters. The table reports each against the base with a paired bootstrap 95% interval, and forest.png
+(beside table.md) draws those differences; the last step (stage=report) draws the same forest plot first, then
+the curves, accuracy charts, similarity matrices and timing into report/.
 
 With sub-tasks (a dataset whose `dataset.members.<d>.subtasks.by` is set, see loragen.data.subtasks), the
 tasks are `<d>@<group>`: each sub-task gets its own LoRA trajectory (`lora/<d>@<group>`, trained on its part
@@ -446,11 +447,42 @@ def task_count_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
-def plots(cfg: DictConfig, rows: list[dict], root: Path) -> list[Path]:
-    """task_count.png: generated (task) - multi-task per held-out dataset against the number of training tasks."""
-    series = {r["heldout"]: task_count_series(r) for r in rows}
-    if not any(len(s) > 1 for s in series.values()):
-        return []
-    from loragen.report.plots import task_count_plot
+FOREST_TITLE = "Held-out accuracy − base, with paired-bootstrap 95% intervals over documents"
 
-    return [task_count_plot(series, root / "task_count.png")]
+
+def forest_entries(row: dict) -> list[dict]:
+    """A table row's roles for the forest plot, in drawing order: label, kind, diff [d, lo, hi] (the row's own
+    numbers) and a note (the nearest-prompt LoRA's source dataset). Roles the row lacks are left out: the
+    multi-task LoRA, generator variants, and the generated adapters of a run that generated none."""
+    gens = row.get("generators") or {}
+    variants = {n: g for n, g in gens.items() if n != "reconstruction"}
+    out = [{"label": "oracle (own LoRA)", "kind": "oracle", "diff": row["oracle_diff"]}]
+    if row.get("multitask_diff") is not None:
+        out.append({"label": "multi-task LoRA", "kind": "multitask", "diff": row["multitask_diff"]})
+    out.append({"label": "weight average", "kind": "average", "diff": row["average_diff"]})
+    out.append({"label": "nearest-prompt LoRA", "kind": "nearest", "diff": row["nearest_diff"],
+                "note": f"({row['nearest_dataset']}'s LoRA)" if row.get("nearest_dataset") else ""})
+    if row.get("generated_k"):
+        name = "generated (reconstruction)" if variants else "generated"
+        out.append({"label": f"{name}, k={row['generated_k']}", "kind": "generated", "diff": row["generated_diff"]})
+    for n, g in variants.items():
+        out.append({"label": f"generated ({n}), k={g['k']}", "kind": "variant", "diff": g["diff"]})
+    return [e for e in out if e["diff"] is not None and all(v == v for v in e["diff"])]
+
+
+def forest_panels(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """One forest panel per held-out dataset: its title (dataset, split, n, base acc) and forest_entries."""
+    return [(f"{r['heldout']} ({r['split']}, n={r['n']}), base {r['base']:.3f}", forest_entries(r)) for r in rows]
+
+
+def plots(cfg: DictConfig, rows: list[dict], root: Path) -> list[Path]:
+    """forest.png: each role's held-out accuracy − base with its interval, one panel per held-out dataset (the
+    table's numbers); task_count.png: generated (task) - multi-task per held-out dataset against the number of
+    training tasks, when the run varied it."""
+    from loragen.report.plots import forest, task_count_plot
+
+    out = [forest(forest_panels(rows), FOREST_TITLE, root / "forest.png")] if rows else []
+    series = {r["heldout"]: task_count_series(r) for r in rows}
+    if any(len(s) > 1 for s in series.values()):
+        out.append(task_count_plot(series, root / "task_count.png"))
+    return out

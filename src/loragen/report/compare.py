@@ -9,12 +9,19 @@ runs are deterministic).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from loragen import rundir
+from loragen.errors import LoragenError
 from loragen.evaluation.metrics import paired_bootstrap
+from loragen.pipeline import dnd
 from loragen.pipeline.dnd import ROLES, heldout_scores
-from loragen.report.runs import read_json
+from loragen.report.runs import kind_of, read_json
+
+log = logging.getLogger(__name__)
 
 HEADERS = {"base": "base", "oracle": "oracle (own LoRA)", "average": "weight average",
            "nearest": "nearest-prompt LoRA", "generated": "generated (mean)"}
@@ -27,6 +34,37 @@ def dnd_pipelines(paths: list[str | Path]) -> list[Path]:
         table = p / rundir.TABLE
         if table.is_file() and all("heldout" in r for r in read_json(table).get("rows", [])):
             out.append(p)
+    return out
+
+
+def dnd_table(root: Path) -> tuple[list[dict], str] | None:
+    """(rows, source) of a dnd pipeline dir's leave-one-out table, or None when it is not one.
+
+    Computed as the pipeline computes table.json (dnd.table on its config.yaml and its evaluate steps: the same
+    documents, order and seed, so the same numbers), because the pipeline's report step runs before the pipeline
+    writes table.json; read from table.json when that cannot be done (no config.yaml, a step missing)."""
+    config, table = root / rundir.CONFIG, root / rundir.TABLE
+    if config.is_file():
+        cfg = OmegaConf.load(config)
+        if OmegaConf.select(cfg, "pipeline.recipe") == "dnd":
+            try:
+                return dnd.table(cfg, root), f"computed from the evaluate steps of `{root}` as its table.json is"
+            except (LoragenError, OSError, KeyError, ValueError) as e:
+                log.warning("%s: cannot compute its table (%s); reading %s instead", root, e, table)
+    if table.is_file():
+        rows = read_json(table).get("rows", [])
+        if rows and all("heldout" in r and "oracle_diff" in r for r in rows):
+            return rows, f"`{table}`"
+    return None
+
+
+def dnd_pipelines_or_tables(paths: list[str | Path]) -> dict[Path, tuple[list[dict], str]]:
+    """pipeline dir -> (table rows, source) for every given dir that is a dnd pipeline dir with a table."""
+    out = {}
+    for p in dict.fromkeys(Path(p).expanduser().resolve() for p in paths):
+        found = dnd_table(p) if p.is_dir() and kind_of(p) == "pipeline" else None
+        if found is not None:
+            out[p] = found
     return out
 
 

@@ -6,7 +6,8 @@
 Runs of either kind mix in one report: multiple-choice results (acc) and prompt->text results (BLEU-4,
 ROUGE-L, exact match, ... of eval.method=generate or a lora run on instruction data).
 
-Recipe: find out what each dir is from its files (report.runs), then one section each: the runs and
+Recipe: find out what each dir is from its files (report.runs), then one section each: for a prompt-to-weights
+pipeline dir first the forest plot of each role's held-out accuracy − base with its interval, then the runs and
 their wall times, accuracy per evaluated dataset, generation metrics per prompt->text dataset, training
 curves (with validation loss, logged text metrics and the best checkpoint), adapter similarity, timing, and
 (given two or more prompt-to-weights pipeline dirs) the pipelines compared held-out dataset by held-out dataset.
@@ -34,6 +35,7 @@ def run(cfg: DictConfig) -> dict:
     runs = collect(list(r.runs or []))
 
     lines = ["# loragen report", "", "Runs: " + ", ".join(f"`{p}`" for p in r.runs), ""]
+    lines += sections.forest_section(list(r.runs), out)  # the finding first: held-out differences to base
     lines += sections.steps_section(runs)
     lines += sections.accuracy_section(runs, out, cfg.seed)
     lines += sections.generation_section(runs, out)
