@@ -173,6 +173,7 @@ def test_cli_minilm_and_bad_split(tmp_path):
     assert 0.25 < entry["acc"] < 0.8
     assert set(res["provenance"]) >= {"git_sha", "versions", "data_sha256", "seed", "config"}
     assert len(res["provenance"]["data_sha256"]["arc_easy"]) == 64
+    assert (res["provenance"]["device"], res["provenance"]["dtype"]) == ("cpu", "float32")  # hardware=cpu: fp32
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 60 and sum(s["acc"] for s in samples) / 60 == pytest.approx(entry["acc"])
     assert f"{entry['acc']:.4f}" in (run / "results.md").read_text()

@@ -1,5 +1,7 @@
 """User-facing errors: raised for bad input, printed without a traceback by the CLI."""
 
+from __future__ import annotations
+
 
 class LoragenError(Exception):
     """A user mistake or bad input, with a message that names what is wrong and what was expected."""
@@ -24,3 +26,21 @@ class Interrupted(LoragenError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class WriteError(LoragenError):
+    """A file or directory that cannot be written (no permission, read-only file system, disk full): `path` is
+    what was being written, `errno` the operating system's error number."""
+
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
+
+
+class DiskFullError(WriteError):
+    """No space left (ENOSPC) or quota exceeded (EDQUOT) while writing `path`; nothing of `path` was written."""
+
+
+class OverlongError(DataError):
+    """A document whose continuation is longer than the model's context (eval.overlong=error)."""

@@ -24,6 +24,9 @@ RESULT_NEUTRAL = (
     "hydra", "tracker", "paths",
     "train.resume", "train.log_every", "train.save_state_every", "train.eval_every",
     "lora.eval_limit", "lora.eval_generate",
+    # an adapter check's override changes no score; eval.overlong only decides whether an over-long document is an
+    # error or truncated, so a finished step (it had none, or it would have failed or been truncated) is the same
+    "eval.allow_base_mismatch", "eval.overlong",
 )
 # With ckpt.best_metric set, the periodic evaluations choose the best/ adapter: then they are not neutral.
 EVAL_CADENCE = ("train.eval_every", "lora.eval_limit", "lora.eval_generate")

@@ -1,7 +1,13 @@
-"""Atomic file output: a crash never leaves a half-written file that a later step would trust."""
+"""Atomic file output: a crash never leaves a half-written file that a later step would trust.
+
+A write that fails for a reason of the storage (disk full, no permission, read-only file system) raises
+loragen.errors.DiskFullError / WriteError naming the path: nothing of it was written, and the file it would have
+replaced (if any) is intact.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -9,6 +15,11 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from loragen.errors import DiskFullError, WriteError
+
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # no space left, quota exceeded
+DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})  # no permission, read-only file system
 
 
 @contextmanager
@@ -18,8 +29,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Works for files and directories (e.g. a PEFT adapter dir written by save_pretrained).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise (write_error(e, path) or e) from e
     target = tmp / "out"
     try:
         yield target
@@ -30,8 +44,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(target, path)
+    except OSError as e:
+        err = write_error(e, path, inside=tmp)
+        if err is None:
+            raise
+        raise err from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_error(e: OSError, path: str | os.PathLike, inside: Path | None = None) -> WriteError | None:
+    """The user-facing error for `e`, raised while writing `path`; None when it is not a storage problem.
+
+    A permission error counts only when it concerns `path`, its directory or `inside` (the temporary copy), not
+    a file the block was reading."""
+    path = Path(path)
+    if e.errno in FULL_ERRNOS:
+        return DiskFullError(f"disk full: {path} was not written ({e.strerror}{free_space(path)}); "
+                             f"an earlier {path.name}, if any, is intact", str(path), e.errno)
+    if e.errno in DENIED_ERRNOS:
+        failed = Path(e.filename) if e.filename else path
+        related = [path, path.parent] + ([inside] if inside is not None else [])
+        if failed == path or any(r == failed or r in failed.parents or failed in r.parents for r in related):
+            return WriteError(f"cannot write {failed}: {e.strerror}", str(failed), e.errno)
+    return None
+
+
+def free_space(path: Path) -> str:
+    """', {N} MB free on its file system', or '' when that cannot be told."""
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return f", {shutil.disk_usage(p).free // 2**20} MB free on its file system"
+            except OSError:
+                return ""
+    return ""
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

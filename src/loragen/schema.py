@@ -101,6 +101,8 @@ class EvalSchema:
     fewshot_split: Optional[str] = MISSING
     apply_chat_template: bool = MISSING
     overwrite: bool = MISSING
+    allow_base_mismatch: bool = MISSING
+    overlong: str = MISSING  # error | truncate
 
 
 @dataclass

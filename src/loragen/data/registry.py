@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -161,7 +162,29 @@ def _hub_rows(spec: DictConfig, base: str) -> tuple[list, str, None]:
         except Exception:  # noqa: BLE001 - the listing is a courtesy
             have = "unknown"
         raise DataError(f"split {base!r} of {source} cannot be loaded ({e}); available splits: {have}") from None
+    except OSError as e:  # offline, unreachable, not in the cache (ConnectionError, DatasetNotFoundError)
+        raise DataError(unreachable_message(spec.name, base, source, e)) from e
     return [((source, i), dict(row)) for i, row in enumerate(_iter(ds))], source, None
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def unreachable_message(name: str, base: str, source: str, e: BaseException) -> str:
+    """Dataset `name` read from the Hub (no local data dir) could not be loaded: what, where it looked, what to do."""
+    import datasets
+
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    offline = hub_offline()
+    env = os.environ.get("LORAGEN_DATA_DIR")
+    data_dir = "LORAGEN_DATA_DIR is empty" if env is not None and not env.strip() else "LORAGEN_DATA_DIR is not set"
+    return (f"dataset {name} (split {base}): no local data ({data_dir}, paths.data_dir=null) and {source} is not "
+            f"in the Hugging Face datasets cache {datasets.config.HF_DATASETS_CACHE}"
+            f"{' and the Hub is off (HF_HUB_OFFLINE=1)' if offline else ' and the Hub cannot be reached'} ({why}). "
+            f"Set LORAGEN_DATA_DIR to a directory holding {name}/{base}.jsonl"
+            f"{', or unset HF_HUB_OFFLINE to download it' if offline else ', or check the network'}")
 
 
 def _iter(ds) -> Iterator[dict]:

@@ -8,7 +8,15 @@ from pathlib import Path
 import torch
 
 from loragen.errors import CheckpointError
-from loragen.lora.adapter_io import PEFT_PREFIX, Adapter, is_adapter_dir, lora_pairs, read_adapter
+from loragen.lora.adapter_io import (
+    PEFT_PREFIX,
+    Adapter,
+    base_mismatch,
+    is_adapter_dir,
+    lora_pairs,
+    not_an_adapter,
+    read_adapter,
+)
 from loragen.models.registry import model_kind
 
 log = logging.getLogger(__name__)
@@ -17,10 +25,16 @@ KIND_NAMES = {"causal": "causal (decoder-only) LM", "seq2seq": "seq2seq (encoder
               "not seq2seq": "causal LM or encoder"}
 
 
-def check_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> None:
-    """Raise CheckpointError naming the adapter and the first mismatch if it does not fit `base`."""
+def check_adapter(base: torch.nn.Module, adapter_dir: str | Path, *, model_name: str | None = None,
+                  model_path: str | None = None, allow_base_mismatch: bool = False,
+                  override: str | None = None) -> None:
+    """Raise CheckpointError naming the adapter and the first mismatch if it does not fit `base`.
+
+    In order: a PEFT adapter dir (a loragen run dir is pointed to its adapter), its kind (causal, seq2seq,
+    encoder), its modules and shapes, then its base model (check_base: the adapter's record against `base`,
+    loaded from `model_path` as loragen model `model_name`)."""
     if not is_adapter_dir(adapter_dir):
-        raise CheckpointError(f"{adapter_dir} is not a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+        raise CheckpointError(not_an_adapter(adapter_dir))
     ad = read_adapter(adapter_dir)
     check_adapter_kind(base, ad)
     modules = dict(base.named_modules())
@@ -40,6 +54,27 @@ def check_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> None:
                 f"the base weight ({out_f}, {in_f}); expected lora_A (r, {in_f}) and lora_B ({out_f}, r). "
                 "Was it trained on another base model?"
             )
+    check_base(base, adapter_dir, model_name=model_name, model_path=model_path, allow=allow_base_mismatch,
+               override=override)
+
+
+def check_base(base: torch.nn.Module, adapter_dir: str | Path, *, model_name: str | None = None,
+               model_path: str | None = None, allow: bool = False, override: str | None = None) -> None:
+    """The adapter's recorded base model (loragen's record, else PEFT's base_model_name_or_path) against `base`:
+    a CheckpointError naming both when they differ, a warning instead when `allow`."""
+    config = getattr(base, "config", None)
+    path = model_path or getattr(base, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    found = base_mismatch(adapter_dir, config, path)
+    if found is None:
+        return
+    theirs, why = found
+    current = f"{model_name} ({path})" if model_name else str(path)
+    msg = f"adapter {adapter_dir} was written for base model {theirs}, not {current}: {why}"
+    if allow:
+        log.warning("%s; loaded anyway (%s)", msg, override or "base mismatch allowed")
+        return
+    way = f"set {override} to load it anyway" if override else "this command has no override for it"
+    raise CheckpointError(f"{msg}. Use the base model it was trained on, or {way} (its shapes fit)")
 
 
 def adapter_kind(ad: Adapter) -> tuple[str | None, str]:

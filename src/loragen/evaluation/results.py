@@ -37,6 +37,8 @@ def result_entry(label: str, adapter_path: str | None, model: str, model_path: s
     entry["seconds"] = round(outcome.seconds, 3)
     if getattr(outcome, "unparseable", None) is not None:
         entry["unparseable"] = outcome.unparseable
+    if getattr(outcome, "truncated", None) is not None:  # eval.overlong=truncate: documents with a choice cut
+        entry["truncated"] = outcome.truncated
     return entry
 
 
@@ -130,4 +132,9 @@ def render_accuracy(entries: Sequence[dict]) -> str:
     norm_cols = [d for d in datasets if any(by.get((lab, d), {}).get("acc_norm") is not None for lab in labels)]
     if norm_cols:
         lines += ["", "## acc_norm (by characters of the choice)", ""] + table("acc_norm", norm_cols)
+    cut = {d: max(e.get("truncated") or 0 for e in entries if e["dataset"] == d) for d in datasets}
+    if any(cut.values()):
+        lines += ["", "Truncated (eval.overlong=truncate): " + ", ".join(
+            f"{d}: {n} of {ns[d]} documents" for d, n in cut.items() if n) +
+            " had a choice longer than the model's context; its last tokens that fit were scored."]
     return "\n".join(lines) + "\n"

@@ -5,15 +5,24 @@ Causal scoring follows lm-evaluation-harness: pairs tokenized as `tokenization.e
 summed. Requests are sorted by length and batched with left padding and explicit position ids.
 Seq2seq scoring follows lm-evaluation-harness too: the context (cut from the left to max_length) is
 the encoder input, the continuation the decoder labels; their log-probabilities summed.
+
+A continuation longer than max_length (the model's context) cannot be scored whole. lm-evaluation-harness
+asserts `len(continuation_enc) <= max_length` and stops; `overlong="error"` does the same with an OverlongError
+naming the request (`describe(i)`) and the lengths. `overlong="truncate"` scores the continuation's last
+max_length tokens: causal, `(ctx + cont)[-(max_length + 1):]` as ever, the first of those (the token before them)
+only conditions; seq2seq, the decoder labels `cont[-max_length:]`. The indices of such requests are the result's
+`truncated`.
+
+`on_done(indices)`: called after each batch with the request indices it scored (progress by document).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from loragen.errors import DataError
+from loragen.errors import DataError, OverlongError
 from loragen.evaluation.tokenization import encode_requests, encode_seq2seq_requests
 from loragen.models.pooling import embed
 
@@ -27,20 +36,51 @@ def model_max_length(model, tokenizer, default: int = 2048) -> int:
     return int(tml) if tml and tml < 1e9 else default
 
 
+OVERLONG = ("error", "truncate")
+OnDone = Callable[[Sequence[int]], None]
+
+
+class Scores(list):
+    """One score per request (a plain list), and `truncated`: the requests whose continuation was cut."""
+
+    def __init__(self, values=(), truncated: Sequence[int] = ()):
+        super().__init__(values)
+        self.truncated = list(truncated)
+
+
+def fit_continuation(i: int, ctx_ids: list[int], cont_ids: list[int], max_len: int, overlong: str,
+                     describe: Callable[[int], str] | None, truncated: list[int]) -> int:
+    """How many continuation tokens of request `i` are scored: all, or (overlong=truncate) the last max_len."""
+    if len(cont_ids) <= max_len:
+        return len(cont_ids)
+    if overlong not in OVERLONG:
+        raise DataError(f"overlong={overlong!r}; expected one of {OVERLONG}")
+    if overlong == "error":
+        what = describe(i) if describe is not None else f"request {i}"
+        raise OverlongError(
+            f"{what}: the continuation is {len(cont_ids)} tokens, longer than the model's context of {max_len} "
+            f"(context {len(ctx_ids)} tokens); lm-evaluation-harness refuses such a document too. "
+            f"stage=evaluate with eval.overlong=truncate scores its last {max_len} tokens (results.json counts such "
+            "documents); or leave the document out (eval.limit, or a split slice such as validation[:300])")
+    truncated.append(i)
+    return max_len
+
+
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int,
-                   progress=None) -> list[float]:
-    """Summed log-probability of each continuation given its context. `progress`: a runtime.ProgressBar."""
+                   on_done: OnDone | None = None, overlong: str = "error",
+                   describe: Callable[[int], str] | None = None) -> Scores:
+    """Summed log-probability of each continuation given its context."""
     max_len = model_max_length(model, tokenizer)
     device = next(model.parameters()).device
-    seqs: list[tuple[list[int], int]] = []  # (context + continuation, left-truncated; continuation length)
-    for (ctx, cont), (ctx_ids, cont_ids) in zip(requests, encode_requests(tokenizer, requests)):
+    seqs: list[tuple[list[int], int]] = []  # (context + continuation, left-truncated; continuation tokens scored)
+    truncated: list[int] = []
+    for i, ((ctx, cont), (ctx_ids, cont_ids)) in enumerate(zip(requests, encode_requests(tokenizer, requests))):
         if not cont_ids:
             raise DataError(f"continuation {cont!r} tokenizes to nothing after context ...{ctx[-40:]!r}; "
                             "every choice needs at least one token to be scored")
-        seqs.append(((ctx_ids + cont_ids)[-(max_len + 1):], len(cont_ids)))
-    if progress is not None:
-        progress.total = len(seqs)
+        n_cont = fit_continuation(i, ctx_ids, cont_ids, max_len, overlong, describe, truncated)
+        seqs.append(((ctx_ids + cont_ids)[-(max_len + 1):], n_cont))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     out = torch.zeros(len(seqs), dtype=torch.float64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -67,9 +107,9 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
         picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
         logp = torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
         out.index_add_(0, torch.tensor(owner), logp.double().cpu())
-        if progress is not None:
-            progress.update(len(idx))
-    return out.tolist()
+        if on_done is not None:
+            on_done(idx)
+    return Scores(out.tolist(), truncated)
 
 
 def last_logits(model, inp, att, pos, keep: int) -> torch.Tensor:
@@ -83,18 +123,19 @@ def last_logits(model, inp, att, pos, keep: int) -> torch.Tensor:
 
 @torch.no_grad()
 def seq2seq_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int,
-                           progress=None) -> list[float]:
+                           on_done: OnDone | None = None, overlong: str = "error",
+                           describe: Callable[[int], str] | None = None) -> Scores:
     """Summed log-probability of each continuation (decoder labels) given its context (encoder input)."""
     max_len = model_max_length(model, tokenizer)
     device = next(model.parameters()).device
     pairs = []
-    for (ctx, cont), (ctx_ids, cont_ids) in zip(requests, encode_seq2seq_requests(tokenizer, requests)):
+    truncated: list[int] = []
+    for i, ((ctx, cont), (ctx_ids, cont_ids)) in enumerate(zip(requests, encode_seq2seq_requests(tokenizer, requests))):
         if not cont_ids:
             raise DataError(f"continuation {cont!r} tokenizes to nothing after context ...{ctx[-40:]!r}; "
                             "every choice needs at least one token to be scored")
-        pairs.append((ctx_ids[-max_len:], cont_ids[-max_len:]))
-    if progress is not None:
-        progress.total = len(pairs)
+        n_cont = fit_continuation(i, ctx_ids, cont_ids, max_len, overlong, describe, truncated)
+        pairs.append((ctx_ids[-max_len:], cont_ids[len(cont_ids) - n_cont:]))
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
     out = [0.0] * len(pairs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -107,9 +148,9 @@ def seq2seq_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]]
         logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).to(device)[..., None])[..., 0]
         for row, i in enumerate(idx):
             out[i] = float(logp[row][keep[row]].double().sum())
-        if progress is not None:
-            progress.update(len(idx))
-    return out
+        if on_done is not None:
+            on_done(idx)
+    return Scores(out, truncated)
 
 
 def right_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,17 +165,27 @@ def right_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def cosines(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int,
-            progress=None) -> list[float]:
-    """cos(embed(context), embed(continuation)) per request; each distinct text is embedded once."""
+            on_done: OnDone | None = None, **_) -> Scores:
+    """cos(embed(context), embed(continuation)) per request; each distinct text is embedded once.
+
+    (The encoder's tokenizer cuts long texts to its max length: nothing is over-long here.)"""
     texts = list(dict.fromkeys(t for pair in requests for t in (pair[0], pair[1].strip())))
-    if progress is not None:
-        progress.total = len(texts)
+    users: dict[str, list[int]] = {}  # text -> the requests that need it
+    for i, (c, x) in enumerate(requests):
+        for t in dict.fromkeys((c, x.strip())):
+            users.setdefault(t, []).append(i)
+    missing = [len({c, x.strip()}) for c, x in requests]  # texts a request still waits for
     texts.sort(key=len)  # similar lengths per batch: less padding
     vecs: dict[str, torch.Tensor] = {}
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
+        done = []
         for t, v in zip(chunk, embed(model, tokenizer, chunk).cpu()):
             vecs[t] = v
-        if progress is not None:
-            progress.update(len(chunk))
-    return [float(vecs[c] @ vecs[x.strip()]) for c, x in requests]
+            for i in users[t]:
+                missing[i] -= 1
+                if missing[i] == 0:
+                    done.append(i)
+        if on_done is not None and done:
+            on_done(done)
+    return Scores([float(vecs[c] @ vecs[x.strip()]) for c, x in requests])

@@ -3,13 +3,28 @@
 `PeftModel.from_pretrained(base, dir)`, vLLM's `--enable-lora` and lm-evaluation-harness's `peft=`
 load what `write_adapter` writes. Keys are PEFT's saved names, e.g.
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (no adapter name).
+
+Beside PEFT's files, `write_adapter` records the base model the adapter is for in `loragen_base.json`:
+
+    {"format": 1, "base_model": {"name_or_path", "model", "config_sha256", "config"}, "excluded_config_keys": [...]}
+
+`name_or_path` is the directory or Hub id the base model was loaded from (PEFT's `base_model_name_or_path`),
+`model` loragen's model config name when the writer knew it, `config` the base model's
+`PretrainedConfig.to_dict()` without VOLATILE_CONFIG_KEYS (how it was loaded or saved, not what it is: dtype,
+attention implementation, transformers version, output switches, its own path; removed at every nesting level)
+and `config_sha256` the SHA-256 of that dict as sorted JSON. `base_mismatch` compares the record with the model
+an adapter is loaded onto (evaluation.adapters.check_adapter).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +40,19 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # saved tensor names start with it, then the base model's module path
+BASE_RECORD = "loragen_base.json"  # loragen's record of the base model (see the module docstring)
+BASE_RECORD_FORMAT = 1
+VOLATILE_CONFIG_KEYS = (
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "_attn_implementation",
+    "_attn_implementation_autoset", "attn_implementation", "use_cache", "output_attentions", "output_hidden_states",
+    "return_dict",
+)
+# config keys named first when two base models differ
+SHOWN_FIRST = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size", "d_model")
+# where loragen run dirs keep their adapters (lora, transfer, generate, generator): the hint when a run dir is given
+RUN_DIR_ADAPTERS = ("final", "best", "adapter", "adapters/gen-000", "generated/gen-000")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,10 +77,29 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (p / CONFIG_NAME).is_file() and ((p / WEIGHTS_NAME).is_file() or (p / LEGACY_WEIGHTS_NAME).is_file())
 
 
+def not_an_adapter(path: str | os.PathLike, why: str = "") -> str:
+    """Why `path` is not a PEFT adapter dir, and where the adapter is when it is a loragen run dir."""
+    p = Path(path)
+    if not p.exists():
+        return f"{path} is not a PEFT adapter directory: it does not exist"
+    inside = [str(p / d) for d in RUN_DIR_ADAPTERS if is_adapter_dir(p / d)]
+    if (p / "checkpoints").is_dir() and not inside:
+        steps = sorted(c.name for c in (p / "checkpoints").iterdir() if is_adapter_dir(c))
+        inside = [str(p / "checkpoints" / steps[-1])] if steps else []
+    msg = f"{path} is not a PEFT adapter directory{': ' + why if why else ''}"
+    if inside:
+        msg += f"; it is a loragen run directory: use its adapter {inside[0]}"
+        if len(inside) > 1:
+            msg += f" (or {', '.join(inside[1:])})"
+    else:
+        msg += f" (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
+    return msg
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path) / CONFIG_NAME
     if not p.is_file():
-        raise CheckpointError(f"{path} is not a PEFT adapter directory: no {CONFIG_NAME}")
+        raise CheckpointError(not_an_adapter(path, f"no {CONFIG_NAME}"))
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -81,7 +128,7 @@ def read_adapter(path: str | os.PathLike, device: str = "cpu", check_finite: boo
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
             raise CheckpointError(f"{path / LEGACY_WEIGHTS_NAME}: cannot load with weights_only=True: {e}") from None
     else:
-        raise CheckpointError(f"{path} is not a PEFT adapter directory: no {WEIGHTS_NAME}")
+        raise CheckpointError(not_an_adapter(path, f"no {WEIGHTS_NAME}"))
     if not tensors:
         raise CheckpointError(f"{weights}: holds no tensors")
     if check_finite:
@@ -92,22 +139,145 @@ def read_adapter(path: str | os.PathLike, device: str = "cpu", check_finite: boo
 
 
 def write_adapter(path: str | os.PathLike, adapter: Adapter | None = None, *, config: dict | None = None,
-                  tensors: dict[str, torch.Tensor] | None = None, extra_files: dict[str, Any] | None = None) -> Path:
+                  tensors: dict[str, torch.Tensor] | None = None, extra_files: dict[str, Any] | None = None,
+                  base: dict | None = None) -> Path:
     """Write a PEFT adapter directory atomically (the whole dir appears at once, or not at all).
 
     `extra_files` maps file names to JSON-serialisable objects written alongside (e.g. provenance).
+    `base`: the base model record (`base_record(...)`) written as BASE_RECORD; by default it is made from the
+    config's `base_model_name_or_path` (its config read from there, local files only).
     """
     if adapter is not None:
         config, tensors = adapter.config, adapter.tensors
     assert config is not None and tensors is not None
+    if base is None:
+        base = base_record(config.get("base_model_name_or_path"))
     with io.atomic_path(path) as tmp:
         tmp.mkdir()
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
                   metadata={"format": "pt"})
+        (tmp / BASE_RECORD).write_text(json.dumps(base, indent=2, sort_keys=True, default=str) + "\n")
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
     return Path(path)
+
+
+# ---- the base model record -------------------------------------------------------------------------------------
+
+def config_fingerprint(config: Any) -> tuple[dict, str]:
+    """(the config dict without VOLATILE_CONFIG_KEYS, the SHA-256 of it as sorted JSON); `config` a
+    PretrainedConfig or its to_dict()."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    reduced = json.loads(json.dumps(_drop_volatile(data), sort_keys=True, default=str))
+    return reduced, hashlib.sha256(json.dumps(reduced, sort_keys=True).encode()).hexdigest()
+
+
+def _drop_volatile(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_volatile(v) for k, v in obj.items() if k not in VOLATILE_CONFIG_KEYS}
+    return obj
+
+
+def base_record(name_or_path: str | None, model: str | None = None, config: Any = None, **extra: Any) -> dict:
+    """The BASE_RECORD of an adapter for the base model at `name_or_path` (loragen model config name `model`).
+
+    `config`: the model's PretrainedConfig (or dict); by default read from `name_or_path` (local files only; a
+    model that cannot be read gets no fingerprint). `extra` keys are added as they are (e.g. transferred_from)."""
+    if config is None and name_or_path:
+        config = _local_config(str(name_or_path))
+    reduced, sha = config_fingerprint(config) if config is not None else (None, None)
+    return {"format": BASE_RECORD_FORMAT,
+            "base_model": {"name_or_path": None if name_or_path is None else str(name_or_path), "model": model,
+                           "config_sha256": sha, "config": reduced},
+            "excluded_config_keys": list(VOLATILE_CONFIG_KEYS), **extra}
+
+
+@functools.lru_cache(maxsize=64)
+def _local_config(name_or_path: str) -> dict | None:
+    """The model's config as a dict from a local dir or the local Hub cache (no network), or None."""
+    p = Path(name_or_path).expanduser()
+    if p.is_absolute() and not (p / "config.json").is_file():
+        return None
+    try:
+        from transformers import AutoConfig
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return AutoConfig.from_pretrained(name_or_path, local_files_only=True).to_dict()
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except Exception as e:  # noqa: BLE001 - no fingerprint then; the record says so (config_sha256 null)
+        log.debug("no config for %s (%s): the adapter's base record has no fingerprint", name_or_path, e)
+        return None
+
+
+def read_base_record(path: str | os.PathLike) -> dict | None:
+    """The adapter's BASE_RECORD, or None (third-party adapters, adapters written before loragen kept one)."""
+    p = Path(path) / BASE_RECORD
+    if not p.is_file():
+        return None
+    try:
+        record = json.loads(p.read_text())
+    except (json.JSONDecodeError, OSError) as e:
+        raise CheckpointError(f"{p}: unreadable base model record ({e}); delete it to fall back to PEFT's "
+                              "base_model_name_or_path") from None
+    if not isinstance(record, dict) or not isinstance(record.get("base_model"), dict):
+        raise CheckpointError(f"{p}: not a base model record (no base_model object)")
+    return record
+
+
+def loose_name(name_or_path: str | None) -> str | None:
+    """A model's name for a loose comparison: the final path component (or Hub repo name), lowercased.
+
+    `/models/Qwen2.5-0.5B` and `Qwen/Qwen2.5-0.5B` agree; a Hub cache snapshot dir
+    (`models--Qwen--Qwen2.5-0.5B/snapshots/<sha>`) counts as its repo name."""
+    if not name_or_path:
+        return None
+    text = str(name_or_path).rstrip("/\\")
+    m = re.search(r"models--[^/\\]+--([^/\\]+)[/\\]snapshots[/\\][^/\\]+$", text)
+    name = m.group(1) if m else re.split(r"[/\\]", text)[-1]
+    return name.lower() or None
+
+
+def base_mismatch(adapter_dir: str | os.PathLike, config: Any, name_or_path: str | None) -> tuple[str, str] | None:
+    """(the adapter's base model, why it differs) when the adapter was written for another base model than the one
+    with `config` loaded from `name_or_path`; None when they agree or nothing tells.
+
+    With loragen's record: a config value that differs on a key both configs have (keys only one has are a
+    transformers version's additions, not a different model), or different loose names of the two
+    name_or_paths (a copy or a fine-tune with the same config, a tiny model with another seed). Without it
+    (a third-party PEFT adapter): PEFT's base_model_name_or_path, by loose name, when both are known."""
+    record = read_base_record(adapter_dir)
+    if record is not None:
+        rec = record["base_model"]
+        theirs = rec.get("name_or_path")
+        label = f"{rec['model']} ({theirs})" if rec.get("model") else str(theirs)
+        reasons = []
+        if rec.get("config_sha256") and config is not None:
+            mine, sha = config_fingerprint(config)
+            if sha != rec["config_sha256"] and isinstance(rec.get("config"), dict):
+                diff = sorted((k for k in set(mine) & set(rec["config"]) if mine[k] != rec["config"][k]),
+                              key=lambda k: (k not in SHOWN_FIRST, SHOWN_FIRST.index(k) if k in SHOWN_FIRST else 0, k))
+                if diff:
+                    shown = ", ".join(f"{k} {_short(rec['config'][k])} vs {_short(mine[k])}" for k in diff[:3])
+                    reasons.append(f"their configs differ ({shown}{', ...' if len(diff) > 3 else ''})")
+        a, b = loose_name(theirs), loose_name(name_or_path)
+        if a and b and a != b:
+            reasons.append(f"different names ({a} vs {b})")
+        return (label, "; ".join(reasons)) if reasons else None
+    theirs = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    a, b = loose_name(theirs), loose_name(name_or_path)
+    if a and b and a != b:
+        return str(theirs), f"PEFT's base_model_name_or_path names {a}, not {b} (no {BASE_RECORD}: compared by name)"
+    return None
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, sort_keys=True, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _json_default(o: Any) -> Any:

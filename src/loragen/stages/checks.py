@@ -63,10 +63,11 @@ def check_lora(cfg: DictConfig) -> None:
 
 
 def check_evaluate(cfg: DictConfig) -> None:
-    from loragen.stages.evaluate import METHODS
+    from loragen.stages.evaluate import METHODS, OVERLONG
 
     ev = cfg.eval
     _need(ev.method in METHODS, "eval.method", ev.method, f"one of {METHODS}")
+    _need(ev.overlong in OVERLONG, "eval.overlong", ev.overlong, f"one of {OVERLONG}")
     _need(ev.limit is None or ev.limit >= 1, "eval.limit", ev.limit, "null or >= 1")
     _need(ev.sample_ratio is None or 0 < ev.sample_ratio <= 1, "eval.sample_ratio", ev.sample_ratio, "null or in (0, 1]")
     _need(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, ">= 1")

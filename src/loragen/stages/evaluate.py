@@ -17,17 +17,19 @@ from omegaconf import DictConfig
 from loragen import io, rundir, runtime
 from loragen.data import LoadedSplit, dataset_specs, load_split
 from loragen.data.registry import data_options
-from loragen.errors import ConfigError
+from loragen.errors import CheckpointError, ConfigError
 from loragen.evaluation import EvalOutcome, GenerationSettings, TextEvalOutcome, evaluate_records, evaluate_texts
 from loragen.evaluation.adapters import AdapterSwitcher, check_adapter
 from loragen.evaluation.prompting import with_chat_template, with_fewshot
 from loragen.evaluation.results import result_entry, sample_rows, write_results
+from loragen.lora.adapter_io import is_adapter_dir, not_an_adapter
 from loragen.models import load_model
 from loragen.provenance import provenance
 from loragen.train_env import make_accelerator
 
 log = logging.getLogger(__name__)
 METHODS = ("loglikelihood", "generate")
+OVERLONG = ("error", "truncate")
 GENERATIVE = ("causal", "seq2seq")
 
 
@@ -40,6 +42,10 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"eval.method={cfg.eval.method!r}; expected one of {METHODS}")
 
     # setup
+    labelled = labelled_adapters(cfg.eval.adapters)
+    for _, a in labelled:  # a wrong path fails before anything loads (a run dir: pointed to its adapter)
+        if not is_adapter_dir(a):
+            raise CheckpointError(not_an_adapter(a))
     accelerator = make_accelerator(cfg)
     splits = load_eval_splits(cfg)
     check_text_splits(cfg, splits)
@@ -49,9 +55,9 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"eval.method=generate needs a causal or seq2seq LM; model {lm.name} is an {lm.kind}")
     if cfg.eval.apply_chat_template:
         splits = [s if s.is_text else _replace_records(s, with_chat_template(s.records, lm.tokenizer)) for s in splits]
-    labelled = labelled_adapters(cfg.eval.adapters)
     for _, a in labelled:  # every adapter is checked before any scoring
-        check_adapter(lm.model, a)
+        check_adapter(lm.model, a, model_name=lm.name, model_path=lm.path,
+                      allow_base_mismatch=bool(cfg.eval.allow_base_mismatch), override="eval.allow_base_mismatch=true")
     runs = ([("base", None)] if cfg.eval.include_base else []) + labelled
     if not runs:
         raise ConfigError("nothing to evaluate: eval.include_base=false and eval.adapters is empty")
@@ -68,7 +74,10 @@ def run(cfg: DictConfig) -> dict:
             log_outcome(label, split.dataset, outcome)
 
     # save
-    result = {"results": entries, "provenance": provenance(cfg, {s.dataset: s.sha256 for s in splits}, accelerator.num_processes)}
+    prov = provenance(cfg, {s.dataset: s.sha256 for s in splits}, accelerator.num_processes)
+    weight = next(lm.model.parameters())  # where it ran and in what dtype, as measured, not as requested
+    prov.update(device=str(weight.device), dtype=str(weight.dtype).removeprefix("torch."))
+    result = {"results": entries, "provenance": prov}
     if runtime.is_main():
         write_results(out, entries, samples, result["provenance"])
         print((out / rundir.RESULTS_MD).read_text())
@@ -85,7 +94,8 @@ def evaluate_split(cfg: DictConfig, model, lm, split: LoadedSplit, generation: G
     letters = replace(generation, max_new_tokens=cfg.eval.generation.letter_max_new_tokens)
     return evaluate_records(model, lm.tokenizer, lm.kind, split.records, batch_size=cfg.eval.batch_size,
                             accelerator=accelerator, desc=desc, has_acc_norm=split.has_acc_norm,
-                            method=cfg.eval.method, generation=letters)
+                            method=cfg.eval.method, generation=letters, overlong=cfg.eval.overlong,
+                            where=f"dataset {split.dataset} split {split.split}")
 
 
 def log_outcome(label: str, dataset: str, outcome: EvalOutcome | TextEvalOutcome) -> None:
@@ -96,6 +106,9 @@ def log_outcome(label: str, dataset: str, outcome: EvalOutcome | TextEvalOutcome
     else:
         log.info("%-24s %-14s acc %.4f ± %.4f%s  (n=%d, %.1fs)", label, dataset, outcome.acc, outcome.acc_stderr,
                  "" if outcome.acc_norm is None else f"  acc_norm {outcome.acc_norm:.4f}", outcome.n, outcome.seconds)
+        if outcome.truncated:
+            log.warning("%s %s: %d of %d documents had a choice longer than the model's context; its last tokens "
+                        "were scored (eval.overlong=truncate)", label, dataset, outcome.truncated, outcome.n)
 
 
 def load_eval_splits(cfg: DictConfig) -> list[LoadedSplit]:

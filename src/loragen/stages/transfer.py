@@ -3,6 +3,11 @@
 Writes into the run dir: `adapter/` (a PEFT adapter for the target), `transfer_report.json` and
 `transfer_report.md` (per module: similarity, transferred or skipped, ‖ΔW_s‖, ‖ΔW_t‖ and the
 relative error of the rank-r re-factorization).
+
+Adapter provenance: this stage deliberately moves an adapter to another base model. The source adapter's
+recorded base model is compared with transfer.source_model (a warning when they differ: the transfer reads the
+source model's weights); the adapter written records the *target* model (`model`) as its base, and where it
+came from (`transferred_from` in loragen_base.json), so evaluating it on the target passes the provenance check.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from loragen import io, provenance, rundir, runtime
 from loragen.errors import ConfigError
-from loragen.lora.adapter_io import read_adapter, write_adapter
+from loragen.lora.adapter_io import base_mismatch, base_record, read_adapter, write_adapter
 from loragen.lora.svd_cache import SVDCache
 from loragen.lora.transfer import TransferResult, TransferSettings, model_weights, require_some, transfer_adapter
 from loragen.models import resolve_model_path
@@ -32,6 +37,11 @@ def run(cfg: DictConfig) -> dict:
     adapter = read_adapter(t.source_adapter)
     source_path = resolve_model_path(source_cfg, cfg.paths)
     target_path = resolve_model_path(cfg.model, cfg.paths)
+    source_base = base_record(source_path, model=source_cfg.name)["base_model"]
+    mismatch = base_mismatch(t.source_adapter, source_base["config"], source_path)
+    if mismatch is not None:
+        log.warning("transfer.source_adapter=%s was written for base model %s, not transfer.source_model=%s: %s",
+                    t.source_adapter, mismatch[0], source_cfg.name, mismatch[1])
     cache = SVDCache(cfg.paths.cache_dir if t.svd_cache else None, device=svd_device(cfg.hardware.device))
     result = transfer_adapter(adapter, model_weights(source_path), model_weights(target_path), settings, cache)
 
@@ -44,7 +54,9 @@ def run(cfg: DictConfig) -> dict:
         io.write_json(out / rundir.TRANSFER_REPORT, {**summary, "provenance": provenance.provenance(cfg)})
         io.write_text(out / rundir.TRANSFER_REPORT_MD, report_markdown(summary, result))
         require_some(result, settings.similarity_threshold)
-        write_adapter(out / rundir.ADAPTER, config=result.config, tensors=result.tensors)
+        target = base_record(target_path, model=cfg.model.name, transferred_from={
+            "model": source_cfg.name, "name_or_path": source_path, "adapter": str(t.source_adapter)})
+        write_adapter(out / rundir.ADAPTER, config=result.config, tensors=result.tensors, base=target)
         log.info("transferred %d of %d modules; adapter in %s", len(result.transferred), len(result.modules), out / rundir.ADAPTER)
     return summary
 
