@@ -5,24 +5,94 @@ on) once it finishes. Running the pipeline again skips steps whose fingerprint m
 whose outputs exist, reruns a step whose config changed (and, through the fingerprint chain,
 everything that depends on it; the old outputs are moved aside, never overwritten), and
 resumes a step that was interrupted (no fingerprint yet) in place.
+
+Progress: one line per step, `step k/n <name> (elapsed 0:03:12, n-k steps left): running in <dir>` (or
+`skipped`), and `step k/n <name> finished in ...`.
+
+Signals: a step stopped by SIGTERM/SIGINT (a training step saves its state first, see train.preemption; any
+other step stops at once, its outputs are written atomically) is reported as interrupted and the pipeline raises
+errors.Interrupted with the signal's exit code (143/130); running the same command again skips the finished steps
+and resumes the interrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 from loragen import fingerprint as fp
 from loragen import io, rundir, runtime
-from loragen.errors import ConfigError
+from loragen.errors import ConfigError, Interrupted
 
 log = logging.getLogger(__name__)
 FINGERPRINT = rundir.STEP_RECORD
+clock = time.monotonic  # the pipeline's elapsed time (a fake in tests)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequested(BaseException):
+    """SIGTERM/SIGINT outside the training loop (which saves its state first): the step stops at once."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While the block runs (main thread only), SIGTERM and SIGINT raise StopRequested instead of killing the
+    process or raising a bare KeyboardInterrupt (a second one ends the process at once); signals the process
+    ignores stay ignored. The training loop installs its own handlers over these while it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    raised: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if raised:  # again while the first stop unwinds (a cleanup that hangs): end the process now
+            from loragen.train.preemption import exit_now
+
+            exit_now(f"stopped at once ({_signal_name(signum)} again)", _exit_code(raised[0]))
+        raised.append(signum)
+        raise StopRequested(signum)
+
+    previous = {}
+    for s in STOP_SIGNALS:
+        h = signal.getsignal(s)
+        if h is not signal.SIG_IGN:
+            previous[s] = h
+            signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            if signal.getsignal(s) is handler:  # not when the block left a newer one (train.preemption.exit_at_once)
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def stopped_message(signum: int) -> str:
+    return f"interrupted ({_signal_name(signum)}) before it finished; rerun the same command to resume"
+
+
+def _signal_name(signum: int) -> str:
+    from loragen.train.preemption import signal_name
+
+    return signal_name(signum)
+
+
+def _exit_code(signum: int) -> int:
+    from loragen.train.preemption import exit_code
+
+    return exit_code(signum)
 
 
 @dataclass
@@ -89,55 +159,135 @@ def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict
     `run_many(items)` (SLURM, submitit), a wave's steps go out together as one job array;
     otherwise they run one after another in the order given.
     Returns {step name: {"status": "done" | "skipped", "dir": str, "fingerprint": str}}.
+    A step stopped by a signal raises errors.Interrupted naming it (see the module docstring).
     """
     _check_deps(steps)
     configs = {s.name: compose_step(s, shared) for s in steps}  # every step checked before any runs or is submitted
     if steps:
         fp.check_data_source(configs[steps[0].name])
-    status: dict[str, dict] = {}
-    moved: list[str] = []
+    run = _Run(steps, root, configs)
     pending = list(steps)
-    while pending:
-        wave = [s for s in pending if all(d in status for d in s.deps)]
-        pending = [s for s in pending if s not in wave]
-        todo = []
-        for step in wave:
-            step_cfg = configs[step.name]
-            digest, content = fingerprint(step_cfg, [status[d]["fingerprint"] for d in step.deps])
-            step_dir = root / step.name
-            recorded = _read_record(step_dir)
-            done = all((step_dir / o).exists() for o in step.outputs)
-            if recorded and done and (recorded["fingerprint"] == digest or _legacy_same(recorded, step, status)):
-                if recorded["fingerprint"] != digest and runtime.is_main():  # a record from before content hashes
-                    io.write_json(step_dir / FINGERPRINT, {**recorded, "fingerprint": digest, "content": content})
-                    log.info("step %-28s recorded before content fingerprints; same step overrides and unchanged "
-                             "inputs: kept, its record upgraded", step.name)
-                log.info("step %-28s skipped (done, fingerprint %s)", step.name, digest)
-                status[step.name] = {"status": "skipped", "dir": str(step_dir), "fingerprint": digest}
-                continue
-            if recorded and recorded["fingerprint"] != digest:
-                why = fp.changed_keys(recorded["content"], content) if "content" in recorded else \
-                    ["recorded before content fingerprints, with other step overrides or changed inputs"]
-                stale = _stale_name(step_dir)
-                step_dir.rename(stale)
-                moved.append(f"{step.name} -> {stale.name} ({'; '.join(why[:6])}{' ...' if len(why) > 6 else ''})")
-                log.info("step %-28s changed (%s): old outputs moved to %s", step.name, "; ".join(why[:6]), stale)
-            todo.append((step, step_cfg, step_dir, digest, content))
-        t0 = time.perf_counter()
-        if len(todo) > 1 and hasattr(execute, "run_many"):
-            log.info("steps %s submitted together", ", ".join(t[0].name for t in todo))
-            execute.run_many([(step, cfg, step_dir) for step, cfg, step_dir, *_ in todo])
-            for step, _, step_dir, digest, content in todo:
-                status[step.name] = _finish(step, step_dir, digest, content, time.perf_counter() - t0)
-        else:
-            for step, cfg, step_dir, digest, content in todo:
-                log.info("step %-28s running in %s", step.name, step_dir)
-                t0 = time.perf_counter()
+    try:
+        with stop_on_signals():  # a signal between steps: nothing is half-done, stop at once
+            while pending:
+                wave = [s for s in pending if all(d in run.status for d in s.deps)]
+                pending = [s for s in pending if s not in wave]
+                todo = [item for item in (run.plan(step) for step in wave) if item is not None]
+                if len(todo) > 1 and hasattr(execute, "run_many"):
+                    run.execute_many(execute, todo)
+                else:
+                    for item in todo:
+                        run.execute_one(execute, item)
+    except StopRequested as e:
+        raise Interrupted(f"pipeline interrupted ({_signal_name(e.signum)}) between steps; finished steps are kept; "
+                          "rerun the same command to resume", exit_code=_exit_code(e.signum)) from None
+    if run.moved:
+        log.info("moved aside in this run (kept, not deleted):\n  %s", "\n  ".join(run.moved))
+    return run.status
+
+
+class _Run:
+    """One run_steps call: what has been done, what was moved aside, and the `step k/n` progress lines."""
+
+    def __init__(self, steps: list[Step], root: Path, configs: dict[str, DictConfig]):
+        self.root, self.configs = root, configs
+        self.status: dict[str, dict] = {}
+        self.moved: list[str] = []
+        self.n, self.t_start = len(steps), clock()
+        self.position = {s.name: i + 1 for i, s in enumerate(_order(steps))}  # k of "step k/n": the order they run
+
+    def where(self, step: Step) -> str:
+        """`step k/n <name> (elapsed 0:03:12, n-k steps left)`."""
+        left = self.n - self.position[step.name]
+        return (f"step {self.position[step.name]}/{self.n} {step.name} "
+                f"(elapsed {runtime.duration(clock() - self.t_start, hours=True)}, "
+                f"{left} step{'' if left == 1 else 's'} left)")
+
+    def plan(self, step: Step) -> tuple | None:
+        """None when the step is done with the same fingerprint (skipped); else what to run, the old outputs of a
+        changed step moved aside."""
+        status = self.status
+        step_cfg = self.configs[step.name]
+        digest, content = fingerprint(step_cfg, [status[d]["fingerprint"] for d in step.deps])
+        step_dir = self.root / step.name
+        recorded = _read_record(step_dir)
+        done = all((step_dir / o).exists() for o in step.outputs)
+        if recorded and done and (recorded["fingerprint"] == digest or _legacy_same(recorded, step, status)):
+            if recorded["fingerprint"] != digest and runtime.is_main():  # a record from before content hashes
+                io.write_json(step_dir / FINGERPRINT, {**recorded, "fingerprint": digest, "content": content})
+                log.info("step %-28s recorded before content fingerprints; same step overrides and unchanged "
+                         "inputs: kept, its record upgraded", step.name)
+            log.info("%s: skipped (done, fingerprint %s)", self.where(step), digest)
+            status[step.name] = {"status": "skipped", "dir": str(step_dir), "fingerprint": digest}
+            return None
+        if recorded and recorded["fingerprint"] != digest:
+            why = fp.changed_keys(recorded["content"], content) if "content" in recorded else \
+                ["recorded before content fingerprints, with other step overrides or changed inputs"]
+            stale = _stale_name(step_dir)
+            step_dir.rename(stale)
+            self.moved.append(f"{step.name} -> {stale.name} ({'; '.join(why[:6])}{' ...' if len(why) > 6 else ''})")
+            log.info("step %-28s changed (%s): old outputs moved to %s", step.name, "; ".join(why[:6]), stale)
+        return step, step_cfg, step_dir, digest, content
+
+    def execute_one(self, execute, item: tuple) -> None:
+        step, cfg, step_dir, digest, content = item
+        log.info("%s: running in %s", self.where(step), step_dir)
+        t0 = clock()
+        try:
+            with stop_on_signals():
                 execute(step, cfg, step_dir)
-                status[step.name] = _finish(step, step_dir, digest, content, time.perf_counter() - t0)
-    if moved:
-        log.info("moved aside in this run (kept, not deleted):\n  %s", "\n  ".join(moved))
-    return status
+        except (Interrupted, StopRequested) as e:
+            log.warning("%s: interrupted", self.where(step))
+            raise _interrupted(f"{step.name} ({self.position[step.name]}/{self.n})", e) from None
+        self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0)
+        log.info("%s: finished in %s", self.where(step), runtime.duration(clock() - t0, hours=True))
+
+    def execute_many(self, execute, todo: list[tuple]) -> None:
+        """A wave's steps as one job array (SLURM, submitit)."""
+        for step, *_ in todo:
+            log.info("%s: submitted", self.where(step))
+        log.info("steps %s submitted together", ", ".join(t[0].name for t in todo))
+        t0 = clock()
+        try:
+            with stop_on_signals():
+                execute.run_many([(step, cfg, step_dir) for step, cfg, step_dir, *_ in todo])
+        except (Interrupted, StopRequested) as e:
+            for step, _, step_dir, digest, content in todo:  # record what finished before the stop
+                if all((step_dir / o).exists() for o in step.outputs):
+                    self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0)
+            stopped = [f"{t[0].name} ({self.position[t[0].name]}/{self.n})" for t in todo if t[0].name not in self.status]
+            for t in todo:
+                if t[0].name not in self.status:
+                    log.warning("%s: interrupted", self.where(t[0]))
+            raise _interrupted(", ".join(stopped), e) from None
+        for step, _, step_dir, digest, content in todo:
+            self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0)
+            log.info("%s: finished in %s", self.where(step), runtime.duration(clock() - t0, hours=True))
+
+
+def _order(steps: list[Step]) -> list[Step]:
+    """The steps in the order run_steps takes them: wave by wave, each wave in the order given."""
+    done: set[str] = set()
+    pending, order = list(steps), []
+    while pending:
+        wave = [s for s in pending if all(d in done for d in s.deps)]
+        if not wave:  # a cycle: left for the engine to report; keep the given order
+            return order + pending
+        pending = [s for s in pending if s not in wave]
+        order += wave
+        done |= {s.name for s in wave}
+    return order
+
+
+def _interrupted(names: str, e: BaseException) -> Interrupted:
+    """The pipeline's one line for a step stopped by a signal (e: the stage's Interrupted, or StopRequested)."""
+    if isinstance(e, StopRequested):
+        message, code = stopped_message(e.signum), _exit_code(e.signum)
+    else:
+        message, code = str(e), e.exit_code
+    if message.startswith("pipeline"):
+        return Interrupted(message, exit_code=code)
+    return Interrupted(f"pipeline step {names} {message}", exit_code=code)
 
 
 def _stale_name(step_dir: Path) -> Path:

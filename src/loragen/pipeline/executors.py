@@ -8,24 +8,35 @@ one flag decides the partition, GPUs, tasks per node and time limit of every ste
 
     loragen stage=pipeline experiment=... pipeline.executor=slurm hydra/launcher=slurm_a800
 
-A step job is checkpointable: on SLURM's timeout/preemption signal the training loop saves its state,
-the job is requeued (up to `max_num_timeout` times after timeouts) and resumes (train.resume=auto).
+A step job is checkpointable: on SLURM's timeout/preemption signal (SIGUSR2) the training loop saves its
+state, the job is requeued (up to `max_num_timeout` times after timeouts) and resumes (train.resume=auto).
+A step job stopped by SIGTERM/SIGINT (a training step saves its state first) ends with an "interrupted" result,
+and the pipeline raises errors.Interrupted. SIGTERM or SIGINT to the pipeline process while it waits is passed on
+to its step jobs as SIGTERM (they save and stop); a second one stops waiting at once. (Ctrl-C in a terminal also
+reaches submitit's local job controller, which kills the step about a second later: stop a `submitit_local`
+pipeline with `kill -TERM <pid>` to let a training step save.)
 Submitit's logs are in <pipeline run dir>/.submitit/<job id>/.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import subprocess
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from loragen import jobs
-from loragen.pipeline.engine import Step, run_in_process
+from loragen.errors import Interrupted
+from loragen.pipeline.engine import STOP_SIGNALS, Step, StopRequested, run_in_process, stop_on_signals, stopped_message
 
 log = logging.getLogger(__name__)
+INTERRUPTED = "interrupted"  # the key of a step job's result when a signal stopped it
 # hydra/launcher settings that do not apply to a pipeline step's job.
 NOT_FOR_STEPS = {"_target_", "submitit_folder", "name", "array_parallelism", "devices", "gpus_per_job", "poll_s"}
 
@@ -33,10 +44,22 @@ NOT_FOR_STEPS = {"_target_", "submitit_folder", "name", "array_parallelism", "de
 class StepJob:
     """The submitit callable: one pipeline step in its own process (and every task of a multi-task job)."""
 
-    def __call__(self, step: Step, cfg: DictConfig, step_dir: str) -> str:
+    def __call__(self, step: Step, cfg: DictConfig, step_dir: str) -> str | dict:
+        """The step dir; or {"interrupted": message, "exit_code": 143|130} when SIGTERM/SIGINT stopped the step
+        (SIGUSR2 stays submitit's: checkpoint and requeue)."""
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
                             force=True)
-        run_in_process(step, cfg, Path(step_dir))
+        from loragen.train.preemption import exit_code
+
+        try:
+            with stop_on_signals():  # over submitit's SIGTERM handler, which only logs
+                run_in_process(step, cfg, Path(step_dir))
+        except Interrupted as e:
+            log.warning("step %s: %s", step.name, e)
+            return {INTERRUPTED: str(e), "exit_code": e.exit_code}
+        except StopRequested as e:
+            log.warning("step %s: %s", step.name, stopped_message(e.signum))
+            return {INTERRUPTED: stopped_message(e.signum), "exit_code": exit_code(e.signum)}
         return step_dir
 
     def checkpoint(self, *args: Any) -> Any:
@@ -56,15 +79,34 @@ class SubmititExecutor:
         self.run_many([(step, cfg, step_dir)])
 
     def run_many(self, items: Sequence[tuple[Step, DictConfig, Path]]) -> None:
-        """Run independent steps as one job array and wait for all; raise JobsFailed naming each failure's log."""
+        """Run independent steps as one job array and wait for all; raise JobsFailed naming each failure's log,
+        or errors.Interrupted when a signal stopped steps (theirs, or one passed on from this process)."""
         folder = self.folder or _default_folder([d for _, _, d in items])
         executor = self.make_executor(folder, name=f"loragen-{items[0][0].name}" if len(items) == 1 else "loragen-steps")
         steps, cfgs, dirs = zip(*[(s, c, str(d)) for s, c, d in items])
         submitted = jobs.submit(executor, StepJob(), steps, cfgs, dirs)
         for (step, _, _), job in zip(items, submitted):
             log.info("step %-28s submitted as %s job %s", step.name, self.cluster, job.job_id)
-        outcomes = jobs.wait(submitted)
-        jobs.summarise(outcomes, [s.name for s in steps], folder / "last_steps.json", what="pipeline step")
+        with passed_on(submitted) as received:
+            outcomes = jobs.wait(submitted)
+        stopped = {s.name: o.result for s, o in zip(steps, outcomes)
+                   if o.status == "completed" and isinstance(o.result, dict) and INTERRUPTED in o.result}
+        if received:  # a job the signal ended without its "interrupted" result (killed, or stopped before it ran)
+            stopped.update({s.name: {INTERRUPTED: stopped_message(received[0]), "exit_code": 128 + received[0]}
+                            for s, o in zip(steps, outcomes) if o.status != "completed" and s.name not in stopped})
+        failed = None
+        try:
+            jobs.summarise(outcomes, [s.name for s in steps], folder / "last_steps.json", what="pipeline step")
+        except jobs.JobsFailed as e:
+            failed = e
+        if stopped:
+            detail = "; ".join(f"{name} {r[INTERRUPTED]}" for name, r in stopped.items())
+            raise Interrupted(f"pipeline step {detail}", exit_code=next(iter(stopped.values()))["exit_code"])
+        if received:
+            raise Interrupted(f"pipeline interrupted ({signal.Signals(received[0]).name}) as its step jobs finished; "
+                              "finished steps are kept; rerun the same command to resume", exit_code=128 + received[0])
+        if failed is not None:
+            raise failed
 
     def make_executor(self, folder: Path, name: str):
         import submitit
@@ -81,6 +123,52 @@ class SubmititExecutor:
             settings = {k: v for k, v in settings.items() if k in {"timeout_min", "gpus_per_node", "tasks_per_node"}}
         executor.update_parameters(name=name, **settings)
         return executor
+
+
+@contextlib.contextmanager
+def passed_on(submitted: Sequence) -> Iterator[list[int]]:
+    """While waiting for step jobs (main thread only): the first SIGTERM/SIGINT is passed on to them as SIGTERM
+    (a training step saves its state and stops) and waiting goes on; a second one stops waiting at once
+    (StopRequested). Yields the list of signals received."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            raise StopRequested(signum)
+        log.warning("received %s: asking the step jobs %s to save and stop (again to stop waiting at once)",
+                    signal.Signals(signum).name, ", ".join(str(j.job_id) for j in submitted))
+        for job in submitted:
+            terminate(job)
+
+    previous = {}
+    for s in STOP_SIGNALS:
+        h = signal.getsignal(s)
+        if h is not signal.SIG_IGN:
+            previous[s] = h
+            signal.signal(s, handler)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            if signal.getsignal(s) is handler:
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def terminate(job) -> None:
+    """SIGTERM to a step job: the local job's controller passes it to its tasks; SLURM: scancel --signal=TERM."""
+    try:
+        process = getattr(job, "_process", None)
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        elif type(job).__name__ == "SlurmJob":
+            subprocess.run(["scancel", "--signal=TERM", str(job.job_id)], capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not signal job %s: %s", job.job_id, e)
 
 
 def _default_folder(step_dirs: list[Path]) -> Path:

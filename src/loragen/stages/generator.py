@@ -141,8 +141,10 @@ def run(cfg: DictConfig) -> dict:
     result = fit(model, loss_fn, samples, collate_fn, cfg.train, accelerator=acc, state_dir=out / rundir.STATE,
                  fingerprint={"generator": OmegaConf.to_container(g, resolve=True), "loss": dict(cfg.loss)},
                  tracker=tracker, eval_fn=evaluate, data_name="the generator's (prompt batch, target) samples")
-    if result.status != "completed":
-        return {"status": result.status, "step": result.step}
+    if result.status != "completed":  # stopped by a signal after saving its state
+        tracker.finish()
+        result.raise_if_interrupted()  # SIGTERM/SIGINT: errors.Interrupted, exit 143/130
+        return {"status": result.status, "step": result.step}  # preempted: SLURM requeues the job
 
     # save: the generator, and on a held-out dataset the generated adapters and the baselines
     summary: dict[str, Any] = {"status": "completed", "step": result.step, "datasets": names, "heldout": heldout,

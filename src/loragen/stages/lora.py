@@ -88,9 +88,10 @@ def run(cfg: DictConfig) -> dict:
                  state_dir=out / rundir.STATE, fingerprint=trajectory_id(cfg, specs), tracker=tracker, eval_fn=eval_fn,
                  checkpointer=checkpointer, data_name=f"dataset {train_split.dataset} split {spec.train_split!r}",
                  best=best)
-    if result.status == "preempted":
+    if result.status != "completed":  # stopped by a signal after saving its state: no final/, never "done"
         tracker.finish()
-        return {"status": "preempted", "step": result.step}
+        result.raise_if_interrupted()  # SIGTERM/SIGINT: errors.Interrupted, exit 143/130
+        return {"status": result.status, "step": result.step}  # preempted: SLURM requeues the job
 
     # save and evaluate
     if accelerator.is_main_process:

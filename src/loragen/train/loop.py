@@ -14,14 +14,20 @@
   schedule, gradient accumulation, clipping, mixed precision (the accelerator's), NaN/inf detection
   before the update.
 - A full state (trainable params, optimizer, scheduler, RNG, step) is saved atomically every
-  `train.save_state_every` steps, at the end, and at the next step boundary after SIGUSR2/SIGTERM;
-  `train.resume=auto` continues from it, refusing one written by a different `fingerprint`.
+  `train.save_state_every` steps, at the end, and at the next step boundary after SIGUSR2/SIGTERM/SIGINT
+  (train.preemption); `train.resume=auto` continues from it, refusing one written by a different `fingerprint`.
+  The result's status is then "preempted" (SLURM's SIGUSR2, handed over to submitit to requeue) or
+  "interrupted" (SIGTERM, the first Ctrl-C): the stage calls `result.raise_if_interrupted()`, which raises
+  errors.Interrupted (exit 143/130). A second Ctrl-C ends the process at once (exit 130), naming the last saved state.
+- Progress: on a terminal an in-place bar; in a log a line every 10% (and at least every minute) with the
+  mean loss since the previous line, the learning rate, the rate and the ETA (runtime.ProgressBar).
 - `eval_fn(model) -> dict of metrics` runs every `train.eval_every` steps on every process (the model
   is unwrapped and in eval mode); `checkpointer` (train.checkpoints.Checkpointer) saves trajectories
   (deferred writes in its background writer, flushed before each full-state save and at the end);
   `best` (train.checkpoints.BestCheckpoint) gets every evaluation's metrics and keeps the best adapter;
   `on_step(step)` runs after every optimizer step.
 - Tracker metrics: train/{loss, lr, grad_norm, units_per_s, samples_per_s, tokens_per_s, memory_mb}, eval/*.
+  The tracker's run id (`tracker.run_id`, when it has one) is saved in the state, so a resumed run continues it.
 Only the main process writes files and logs.
 """
 
@@ -40,13 +46,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from loragen import runtime
-from loragen.errors import ConfigError, LoragenError
+from loragen.errors import ConfigError, Interrupted, LoragenError
 from loragen.fingerprint import TRAJECTORY_NEUTRAL, strip
 from loragen.tracking import NullTracker
 from loragen.train import state as st
 from loragen.train.batches import StepBatches
 from loragen.train.checkpoints import BestCheckpoint, Checkpointer
-from loragen.train.preemption import PreemptionFlag
+from loragen.train.preemption import PreemptionFlag, signal_name
 from loragen.train.prefetch import BatchPrefetcher
 from loragen.train.schedule import make_scheduler
 
@@ -62,13 +68,20 @@ class TrainingDiverged(LoragenError):
 @dataclass
 class FitResult:
     step: int  # optimizer steps done
-    status: str  # completed | preempted
+    status: str  # completed | preempted (SLURM requeues the job) | interrupted (SIGTERM/SIGINT: the stage stops)
     history: list[dict] = field(default_factory=list)  # one row per logged step
     resumed_from: int | None = None
+    message: str | None = None  # interrupted: the one line for the user
+    exit_code: int | None = None  # interrupted: 128 + the signal number
 
     @property
     def last_loss(self) -> float | None:
         return self.history[-1]["loss"] if self.history else None
+
+    def raise_if_interrupted(self) -> None:
+        """Raise errors.Interrupted (the CLI prints its one line and exits 143/130) when a signal stopped the run."""
+        if self.status == "interrupted":
+            raise Interrupted(self.message or f"interrupted at step {self.step}", exit_code=self.exit_code or 143)
 
 
 def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Callable[[list], Any], train_cfg: DictConfig,
@@ -114,18 +127,23 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
             raise ConfigError("ckpt.best_metric needs periodic evaluations: set train.eval_every > 0")
         best.resume_at(start)
 
+    tracker = tracker or NullTracker()
+    saved = {"step": start if resumed_from is not None else None}
+
     def save_full_state(step: int) -> None:
         if checkpointer is not None:  # a resumed run must find every checkpoint up to its state step
             checkpointer.flush()
         rng = _gather_objects(acc, torch.get_rng_state())
         if acc.is_main_process:
+            trainer = {"step": step, "fingerprint": fingerprint, "history": history, "world_size": acc.num_processes}
+            if getattr(tracker, "run_id", None):
+                trainer["tracker_run_id"] = tracker.run_id  # make_tracker continues this run on resume
             st.save_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler, rng_states=rng,
-                          trainer={"step": step, "fingerprint": fingerprint, "history": history,
-                                   "world_size": acc.num_processes})
+                          trainer=trainer)
         acc.wait_for_everyone()
+        saved["step"] = step
 
     ddp_model, wrapped_optimizer = acc.prepare(model, optimizer)  # the scheduler steps once per update: ours
-    tracker = tracker or NullTracker()
     max_steps, status = int(tc.max_steps), "completed"
     if start >= max_steps:
         return FitResult(start, status, history, resumed_from)
@@ -133,8 +151,17 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
     ddp_model.train()
     t_last, units_since, samples_since, tokens_since = time.perf_counter(), 0.0, 0.0, 0.0
     prefetch = BatchPrefetcher(items, collate, batches, rank=acc.process_index, max_steps=max_steps)
-    with checkpointer or contextlib.nullcontext(), PreemptionFlag() as preempt, prefetch:  # all finish on exit
-        for step in runtime.progress(range(start, max_steps), total=max_steps - start, desc="train"):
+    bar = runtime.ProgressBar(max_steps, desc="train", initial=start)
+
+    def stopped_at_once() -> str:  # the line of a second Ctrl-C (train.preemption)
+        last = (f"the last saved state is step {saved['step']} in {state_dir}" if saved["step"] is not None
+                else "no state was saved yet")
+        return (f"stopped at once by a second Ctrl-C at step {bar.done} of {max_steps}; {last}; rerun the same "
+                "command to resume from it")
+
+    with bar, checkpointer or contextlib.nullcontext(), PreemptionFlag(on_stop_now=stopped_at_once) as preempt, \
+            prefetch:  # all finish on exit
+        for step in range(start, max_steps):
             totals = _one_step(ddp_model, loss_fn, prefetch, batches, step, acc, preempt.requested)
             loss_sum, units, samples, tokens, stop_flag = totals.tolist()
             done = step + 1
@@ -155,6 +182,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
             wrapped_optimizer.step()
             scheduler.step()
             wrapped_optimizer.zero_grad(set_to_none=True)
+            bar.update(1, loss=loss, lr=lr)
             units_since, samples_since, tokens_since = units_since + units, samples_since + samples, tokens_since + tokens
 
             row: dict[str, float] = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm}
@@ -178,10 +206,17 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
                 on_step(done)
             if (stop_flag > 0) if acc.num_processes > 1 else preempt.requested:
                 save_full_state(done)
+                if preempt.requested and not preempt.requeue:  # SIGTERM, Ctrl-C: the stage stops, exit 143/130
+                    if acc.is_main_process:
+                        log.warning("full state saved at step %d in %s", done, state_dir)
+                    message = (f"interrupted at step {done} of {max_steps} ({signal_name(preempt.signum)}); state "
+                               f"saved in {state_dir}; rerun the same command to resume")
+                    return FitResult(done, "interrupted", history, resumed_from, message=message,
+                                     exit_code=preempt.exit_code)
                 if acc.is_main_process:
                     log.warning("preempted: full state saved at step %d in %s; run again with the same "
                                 "hydra.run.dir to resume", done, state_dir)
-                preempt.hand_over()
+                preempt.hand_over()  # submitit's handler requeues the job (SLURM)
                 return FitResult(done, "preempted", history, resumed_from)
             if int(tc.save_state_every) > 0 and done % int(tc.save_state_every) == 0 and done < max_steps:
                 save_full_state(done)
