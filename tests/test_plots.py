@@ -213,6 +213,26 @@ def test_timing_one_panel_per_dataset_each_bar_once():
         "LoRA to step 25, its first eval ≥ the acc of generated, generated (task)", "LoRA full fine-tune (100 steps)"]
     fig = plots.draw_timing([(name, bars)], "timing", "wall-clock seconds (load not recorded)")
     assert "wall-clock seconds (load not recorded)" in fig.get_suptitle()
+    assert len(fig.axes[0].patches) == len(bars)  # no CPU seconds recorded: the wall bars only
+    plt.close(fig)
+
+
+def test_timing_draws_cpu_seconds_and_names_the_load_where_recorded():
+    load = "load 1.9→2.3 / 2 cores"
+    row = {"dataset": "piqa", "run": "generate/piqa", "generator": "generator/piqa", "generator_s": 100.0,
+           "generator_cpu": 180.0, "generator_load": load, "generate_s": 0.3, "generate_load": None, "lora": "lora/piqa",
+           "lora_s": 60.0, "lora_cpu": 110.0, "lora_load": load, "lora_steps": 100, "reach": (25, 15.0),
+           "reach_cpu": 28.0}
+    ((name, bars),) = timing_groups([row])
+    assert [(b[1], b[3]["cpu"]) for b in bars] == [(0.3, None), (100.0, 180.0), (15.0, 28.0), (60.0, 110.0)]
+    fig = plots.draw_timing([(name, bars)], "timing", "wall and CPU seconds")
+    ax = fig.axes[0]
+    assert sorted(round(p.get_width(), 3) for p in ax.patches) == [0.3, 15.0, 28.0, 60.0, 100.0, 110.0, 180.0]
+    texts = [t.get_text() for t in ax.texts]
+    assert "100 s wall, 180 s CPU" in " ".join(texts) and "0.3 s wall" in " ".join(texts)
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert sum(load in t for t in ticks) == 3 and not any("load" in t for t in ticks if "one adapter" in t)
+    assert "CPU seconds (all cores)" in [t.get_text() for t in fig.legends[0].get_texts()]
     plt.close(fig)
 
 

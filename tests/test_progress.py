@@ -139,6 +139,28 @@ def test_pipelines_log_step_k_of_n_with_elapsed_time_and_steps_left(tmp_path, mo
     assert all(": skipped (done, fingerprint " in line for line in again)
 
 
+def test_a_pipeline_ends_with_its_wall_time_and_slowest_steps(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(engine, "clock", clock)
+    cost = {"a": 30.0, "b": 90.0, "c": 60.0}
+
+    def execute(step, cfg, step_dir):
+        clock.t += cost[step.name]
+        step_dir.mkdir(parents=True, exist_ok=True)
+        io.write_text(step_dir / "out.txt", "ok")
+
+    steps = [Step(n, ["stage=data", "dataset=arc_easy"], ["out.txt"]) for n in cost]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        status = run_steps(steps, tmp_path, [], execute)
+        again = run_steps(steps, tmp_path, [], execute)
+    assert [status[n]["seconds"] for n in cost] == [30.0, 90.0, 60.0]
+    assert engine.profile(status, 200.0) == ("pipeline finished in 0:03:20 (3 of 3 steps run); slowest: b 90.0 s (45%"
+                                             f", CPU {status['b']['cpu_seconds']:.0f} s); c 60.0 s (30%, CPU "
+                                             f"{status['c']['cpu_seconds']:.0f} s); a 30.0 s (15%, CPU "
+                                             f"{status['a']['cpu_seconds']:.0f} s)")
+    assert engine.profile(again, 2.0) == "pipeline finished in 0:00:02 (0 of 3 steps run; every step was done already)"
+
+
 def test_durations_and_rates():
     assert [runtime.duration(s) for s in (0, 59.4, 61, 3599, 3600, 3725)] == \
         ["0:00", "0:59", "1:01", "59:59", "1:00:00", "1:02:05"]

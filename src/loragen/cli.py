@@ -9,6 +9,10 @@ How a run that fails ends:
 - Anything else (a bug) prints one line too, exit 1, naming the log that holds its traceback (or, before the
   run dir exists, printing the traceback).
 - A run stopped by a signal (errors.Interrupted) prints its one line and exits 128 + the signal (130, 143).
+  SIGTERM outside the training loop and outside pipelines (model loading, the final evaluation) raises
+  errors.Interrupted too (`sigterm_handler`, installed at start only where SIGTERM has its default action: never
+  over submitit's handler on SLURM; the training loop and the pipeline engine put their own over it while they run
+  and restore it after); a second SIGTERM while the first one unwinds ends the process at once, exit 143.
 The full traceback always goes to the run's loragen.log when there is one; LORAGEN_DEBUG=1 prints it on stderr
 too. (Hydra's own error printing is turned off with HYDRA_FULL_ERROR=1 so that its errors reach us.)
 """
@@ -20,7 +24,9 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import typing
 from pathlib import Path
@@ -53,6 +59,7 @@ def app(cfg: DictConfig) -> None:
     from loragen import runtime
 
     _Run.cfg = cfg
+    install_sigterm_handler()  # a job started by a Hydra launcher runs this without main()
     logging.raiseExceptions = debug()  # a log that cannot be written (disk full) prints no traceback of its own
     try:
         hf_logging.disable_progress_bar()
@@ -68,12 +75,45 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them (several lines)
+    install_sigterm_handler()
     try:
         app()
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - errors before the app runs: composing the config, the run dir
         sys.exit(report(e, _Run.cfg))
+
+
+# ---- SIGTERM outside training and pipelines ----------------------------------------------------------------------
+
+SIGTERM_MESSAGE = ("interrupted by SIGTERM before/after training; nothing to resume beyond the saved state; "
+                   "rerun the same command")
+
+
+def sigterm_handler(signum: int, frame: typing.Any) -> None:
+    """SIGTERM while no training loop or pipeline has its own handler installed: raise errors.Interrupted (exit 143,
+    one line). A second one while the first unwinds (a cleanup that hangs) ends the process at once."""
+    if sigterm_handler.raised:  # type: ignore[attr-defined]
+        from loragen.train.preemption import exit_now
+
+        exit_now("stopped at once (SIGTERM again)", 128 + signum)
+    sigterm_handler.raised = True  # type: ignore[attr-defined]
+    raise Interrupted(SIGTERM_MESSAGE, 128 + signum)
+
+
+sigterm_handler.raised = False  # type: ignore[attr-defined]
+
+
+def install_sigterm_handler() -> bool:
+    """Install sigterm_handler for SIGTERM when SIGTERM has its default action (not over submitit's handler, nor
+    an ignored SIGTERM, nor anyone else's), in the main thread only; return whether it was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return False
+    sigterm_handler.raised = False  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, sigterm_handler)
+    return True
 
 
 # ---- reporting -------------------------------------------------------------------------------------------------

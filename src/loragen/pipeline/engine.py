@@ -9,6 +9,12 @@ resumes a step that was interrupted (no fingerprint yet) in place.
 Progress: one line per step, `step k/n <name> (elapsed 0:03:12, n-k steps left): running in <dir>` (or
 `skipped`), and `step k/n <name> finished in ...`.
 
+Step records (fingerprint.json): besides the fingerprint, `seconds` (wall), `cpu_seconds` (user+sys CPU seconds of
+this process and its waited-for children over the step: the stage's own threads in-process, the job's processes with
+submitit_local; null for steps run elsewhere, SLURM, or several at once in a job array) and
+`load` = {"before": os.getloadavg(), "after": ..., "cores": os.cpu_count()}: what else the machine was running.
+When the steps are done, `profile(status, seconds)` is the pipeline's end line: its wall time and slowest steps.
+
 Signals: a step stopped by SIGTERM/SIGINT (a training step saves its state first, see train.preemption; any
 other step stops at once, its outputs are written atomically) is reported as interrupted and the pipeline raises
 errors.Interrupted with the signal's exit code (143/130); running the same command again skips the finished steps
@@ -19,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import resource
 import signal
 import threading
 import time
@@ -152,20 +160,22 @@ def fingerprint(step_cfg: DictConfig, dep_prints: Iterable[str]) -> tuple[str, d
     return fp.digest(content), content
 
 
-def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict[str, dict]:
-    """Run `steps` under `root`; `execute(step, cfg, step_dir)` runs one step.
+def run_steps(steps: list[Step], root: Path, shared: list[str], execute, *, cpu: bool = True) -> dict[str, dict]:
+    """Run `steps` under `root`; `execute(step, cfg, step_dir)` runs one step (on this machine unless `cpu` is
+    false, e.g. SLURM: then no CPU seconds are recorded).
 
     Steps run in waves: every step whose dependencies are done. When the executor has a
     `run_many(items)` (SLURM, submitit), a wave's steps go out together as one job array;
     otherwise they run one after another in the order given.
-    Returns {step name: {"status": "done" | "skipped", "dir": str, "fingerprint": str}}.
+    Returns {step name: {"status": "done" | "skipped", "dir": str, "fingerprint": str}}; a step done in this call
+    also has "seconds" and "cpu_seconds" (as its record).
     A step stopped by a signal raises errors.Interrupted naming it (see the module docstring).
     """
     _check_deps(steps)
     configs = {s.name: compose_step(s, shared) for s in steps}  # every step checked before any runs or is submitted
     if steps:
         fp.check_data_source(configs[steps[0].name])
-    run = _Run(steps, root, configs)
+    run = _Run(steps, root, configs, cpu=cpu)
     pending = list(steps)
     try:
         with stop_on_signals():  # a signal between steps: nothing is half-done, stop at once
@@ -189,8 +199,8 @@ def run_steps(steps: list[Step], root: Path, shared: list[str], execute) -> dict
 class _Run:
     """One run_steps call: what has been done, what was moved aside, and the `step k/n` progress lines."""
 
-    def __init__(self, steps: list[Step], root: Path, configs: dict[str, DictConfig]):
-        self.root, self.configs = root, configs
+    def __init__(self, steps: list[Step], root: Path, configs: dict[str, DictConfig], cpu: bool = True):
+        self.root, self.configs, self.cpu = root, configs, cpu
         self.status: dict[str, dict] = {}
         self.moved: list[str] = []
         self.n, self.t_start = len(steps), clock()
@@ -232,14 +242,16 @@ class _Run:
     def execute_one(self, execute, item: tuple) -> None:
         step, cfg, step_dir, digest, content = item
         log.info("%s: running in %s", self.where(step), step_dir)
-        t0 = clock()
+        t0, cpu0, load0 = clock(), cpu_seconds(), load_average()
         try:
             with stop_on_signals():
                 execute(step, cfg, step_dir)
         except (Interrupted, StopRequested) as e:
             log.warning("%s: interrupted", self.where(step))
             raise _interrupted(f"{step.name} ({self.position[step.name]}/{self.n})", e) from None
-        self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0)
+        cpu = cpu_seconds() - cpu0 if self.cpu else None
+        self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0, cpu=cpu,
+                                         load=load_record(load0))
         log.info("%s: finished in %s", self.where(step), runtime.duration(clock() - t0, hours=True))
 
     def execute_many(self, execute, todo: list[tuple]) -> None:
@@ -247,21 +259,22 @@ class _Run:
         for step, *_ in todo:
             log.info("%s: submitted", self.where(step))
         log.info("steps %s submitted together", ", ".join(t[0].name for t in todo))
-        t0 = clock()
+        t0, load0 = clock(), load_average()
         try:
             with stop_on_signals():
                 execute.run_many([(step, cfg, step_dir) for step, cfg, step_dir, *_ in todo])
         except (Interrupted, StopRequested) as e:
             for step, _, step_dir, digest, content in todo:  # record what finished before the stop
                 if all((step_dir / o).exists() for o in step.outputs):
-                    self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0)
+                    self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0,
+                                                     load=load_record(load0))
             stopped = [f"{t[0].name} ({self.position[t[0].name]}/{self.n})" for t in todo if t[0].name not in self.status]
             for t in todo:
                 if t[0].name not in self.status:
                     log.warning("%s: interrupted", self.where(t[0]))
             raise _interrupted(", ".join(stopped), e) from None
-        for step, _, step_dir, digest, content in todo:
-            self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0)
+        for step, _, step_dir, digest, content in todo:  # together: no step's own CPU seconds
+            self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0, load=load_record(load0))
             log.info("%s: finished in %s", self.where(step), runtime.duration(clock() - t0, hours=True))
 
 
@@ -315,14 +328,54 @@ def _legacy_same(recorded: dict, step: Step, status: dict[str, dict]) -> bool:
             and all(status[d]["status"] == "skipped" for d in step.deps))
 
 
-def _finish(step: Step, step_dir: Path, digest: str, content: dict, seconds: float) -> dict:
+def _finish(step: Step, step_dir: Path, digest: str, content: dict, seconds: float, *, cpu: float | None = None,
+            load: dict | None = None) -> dict:
     missing = [o for o in step.outputs if not (step_dir / o).exists()]
     if missing:
         raise ConfigError(f"pipeline step {step.name} finished without its outputs {missing} in {step_dir}")
+    cpu = None if cpu is None else round(cpu, 1)
     if runtime.is_main():
         io.write_json(step_dir / FINGERPRINT, {"fingerprint": digest, "deps": step.deps, "overrides": step.overrides,
-                                               "seconds": round(seconds, 1), "content": content})
-    return {"status": "done", "dir": str(step_dir), "fingerprint": digest}
+                                               "seconds": round(seconds, 1), "cpu_seconds": cpu, "load": load,
+                                               "content": content})
+    return {"status": "done", "dir": str(step_dir), "fingerprint": digest, "seconds": round(seconds, 1),
+            "cpu_seconds": cpu}
+
+
+# ---- what a step cost, and the pipeline's end line ----------------------------------------------------------------
+
+def cpu_seconds() -> float:
+    """User+sys CPU seconds of this process and of its children that have been waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this system
+        return None
+
+
+def load_record(before: list[float] | None) -> dict:
+    """The step record's `load`: the 1/5/15-minute load averages before and after the step, and the core count."""
+    return {"before": before, "after": load_average(), "cores": os.cpu_count()}
+
+
+def profile(status: dict[str, dict], seconds: float, top: int = 5) -> str:
+    """The pipeline's end line: its wall time and its `top` slowest steps run in this call, each with its seconds
+    and share of the wall time (CPU seconds where recorded)."""
+    ran = sorted(((name, s) for name, s in status.items() if s.get("seconds") is not None),
+                 key=lambda item: -item[1]["seconds"])
+    head = f"pipeline finished in {runtime.duration(seconds, hours=True)} ({len(ran)} of {len(status)} steps run"
+    if not ran:
+        return head + "; every step was done already)"
+    total = max(seconds, 1e-9)
+    parts = []
+    for name, s in ran[:top]:
+        cpu = f", CPU {s['cpu_seconds']:.0f} s" if s.get("cpu_seconds") is not None else ""
+        parts.append(f"{name} {s['seconds']:.1f} s ({100 * s['seconds'] / total:.0f}%{cpu})")
+    return head + f"); slowest: {'; '.join(parts)}"
 
 
 def run_in_process(step: Step, cfg: DictConfig, step_dir: Path) -> None:

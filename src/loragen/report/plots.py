@@ -415,13 +415,16 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path) -> Pa
 # ---------------------------------------------------------------- timing
 
 TIMING_COLORS = {"generate": ROLE_COLORS["generated"], "generator": "#ff9896", "lora": ROLE_COLORS["LoRA (own dataset)"]}
+CPU_COLOR = "#303030"  # CPU seconds, drawn inside a wall-clock bar
 TIMING_NAMES = {"generate": "generating one adapter", "generator": "generator training (one-off)",
                 "lora": "LoRA fine-tuning"}
 
 
-def draw_timing(groups: list[tuple[str, list[tuple[str, float, str]]]], title: str, xlabel: str, per_row: int = 2):
-    """Horizontal bars of seconds on a shared log axis, one panel per group (a held-out dataset):
-    (label, seconds, kind) with kind a TIMING_COLORS key; `xlabel` (what the seconds are) under the title."""
+def draw_timing(groups: list[tuple[str, list[tuple]]], title: str, xlabel: str, per_row: int = 2):
+    """Horizontal bars of seconds on a shared log axis, one panel per group (a held-out dataset): (label, wall
+    seconds, kind) or (label, wall seconds, kind, {"cpu": CPU seconds or None, "load": text or None}) with kind a
+    TIMING_COLORS key; CPU seconds are drawn as a dark inner bar over the wall bar, and every bar is labelled with
+    its seconds (wall, CPU) and its tick label with its load where recorded; `xlabel` (what the seconds are) under the title."""
     groups = [(g, bars) for g, bars in groups if bars]
     cols = min(per_row, max(len(groups), 1))
     rows = math.ceil(max(len(groups), 1) / cols)
@@ -430,30 +433,48 @@ def draw_timing(groups: list[tuple[str, list[tuple[str, float, str]]]], title: s
                              squeeze=False, sharex=True, layout="constrained")
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
-    secs_all = [max(s, 1e-4) for _, bars in groups for _, s, _ in bars] or [1.0]
+
+    def extra(bar: tuple) -> dict:
+        return bar[3] if len(bar) > 3 and isinstance(bar[3], dict) else {}
+
+    secs_all = [max(b[1], 1e-4) for _, bars in groups for b in bars] + \
+        [max(extra(b)["cpu"], 1e-4) for _, bars in groups for b in bars if extra(b).get("cpu") is not None] or [1.0]
+    labelled = any(extra(b).get("cpu") is not None or extra(b).get("load") for _, bars in groups for b in bars)
     for ax, (name, bars) in zip(axes.flat, groups):
         y = np.arange(len(bars))[::-1]
-        secs = [max(s, 1e-4) for _, s, _ in bars]
-        ax.barh(y, secs, color=[TIMING_COLORS.get(k, "#7f7f7f") for _, _, k in bars], edgecolor="black",
+        secs = [max(b[1], 1e-4) for b in bars]
+        ax.barh(y, secs, color=[TIMING_COLORS.get(b[2], "#7f7f7f") for b in bars], edgecolor="black",
                 linewidth=0.4)
-        for yi, s in zip(y, secs):
-            ax.text(s, yi, f" {s:.3g} s", va="center", fontsize=7.5)
-        ax.set_yticks(y, ["\n".join(textwrap.wrap(b[0], 42)) for b in bars], fontsize=7.5)
+        cpu = [(yi, extra(b)["cpu"]) for yi, b in zip(y, bars) if extra(b).get("cpu") is not None]
+        if cpu:
+            ax.barh([yi for yi, _ in cpu], [max(c, 1e-4) for _, c in cpu], height=0.3, color=CPU_COLOR,
+                    label="CPU seconds")
+        for yi, s, b in zip(y, secs, bars):
+            e = extra(b)
+            parts = [f"{s:.3g} s" + (" wall" if labelled else "")]
+            if e.get("cpu") is not None:
+                parts.append(f"{e['cpu']:.3g} s CPU")
+            end = max(s, e["cpu"]) if e.get("cpu") is not None else s
+            ax.text(end, yi, " " + ", ".join(parts), va="center", fontsize=7 if labelled else 7.5)
+        ax.set_yticks(y, ["\n".join(textwrap.wrap(b[0], 42) + ([f"({extra(b)['load']})"] if extra(b).get("load") else []))
+                          for b in bars], fontsize=7.5)
         ax.set_ylim(-0.6, longest - 0.4)
         ax.set_title(name, fontsize=9.5)
         ax.grid(axis="x", alpha=0.3)
         ax.set_xlabel("seconds (log scale)", fontsize=8)
     axes[0, 0].set_xscale("log")
-    axes[0, 0].set_xlim(min(secs_all) / 2, max(secs_all) * 8)
-    kinds = dict.fromkeys(k for _, bars in groups for _, _, k in bars)
+    axes[0, 0].set_xlim(min(secs_all) / 2, max(secs_all) * (60 if labelled else 8))  # room for the labels
+    kinds = dict.fromkeys(b[2] for _, bars in groups for b in bars)
     handles = [plt.Rectangle((0, 0), 1, 1, color=TIMING_COLORS.get(k, "#7f7f7f"), label=TIMING_NAMES.get(k, k))
                for k in kinds]
+    if any(extra(b).get("cpu") is not None for _, bars in groups for b in bars):
+        handles.append(plt.Rectangle((0, 0), 1, 1, color=CPU_COLOR, label="CPU seconds (all cores)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles) or 1, fontsize=8, frameon=False)
-    fig.suptitle(f"{title}\n{xlabel}", fontsize=11)
+    fig.suptitle(title + "\n" + "\n".join(textwrap.wrap(xlabel, 100)), fontsize=11)
     return fig
 
 
-def timing(groups: list[tuple[str, list[tuple[str, float, str]]]], title: str, xlabel: str, path: Path) -> Path:
+def timing(groups: list[tuple[str, list[tuple]]], title: str, xlabel: str, path: Path) -> Path:
     return save(draw_timing(groups, title, xlabel), path)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from loragen import rundir
-from loragen.errors import CheckpointError
+from loragen.errors import CheckpointError, DataError
 from loragen.evaluation.metrics import paired_bootstrap
 from loragen.evaluation.results import TEXT_HEADERS, fmt_text_metric
 from loragen.evaluation.text_evaluator import METRICS as TEXT_METRICS
@@ -24,6 +24,7 @@ from loragen.report import plots
 from loragen.report.compare import dnd_pipelines_or_tables
 from loragen.report.runs import EvaluateRun, LoraRun, Run, Runs, TrainedRun, is_text_entry, read_json
 from loragen.report.similarity import cosine_of_dirs
+from loragen.runtime import duration
 
 
 def slug(text: str) -> str:
@@ -63,9 +64,89 @@ def forest_section(paths: list[str | Path], out: Path) -> list[str]:
 # ---------------------------------------------------------------- runs
 
 def steps_section(runs: Runs) -> list[str]:
+    """The runs (steps) with their wall time, then the pipeline's profile by step (profile_section)."""
     lines = ["## Runs", "", "| run | kind | wall time (s) | dir |", "|---|---|---|---|"]
     for s in runs.steps:
         lines.append(f"| {s['name']} | {s['kind']} | {fmt(s['seconds'], '.1f')} | `{s['dir']}` |")
+    return lines + [""] + profile_section(runs)
+
+
+# ---------------------------------------------------------------- profile by step (pipelines)
+
+def step_record(run_dir: str | Path) -> dict:
+    """The pipeline step record (fingerprint.json) of a run dir: seconds, cpu_seconds, load; {} when it has none."""
+    path = Path(run_dir) / rundir.STEP_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = read_json(path)
+    except DataError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def fmt_load(load: dict | None) -> str | None:
+    """A step record's load as `load 1.9→2.3 / 2 cores` (1-minute load averages before and after the step), or None
+    when it was not recorded."""
+    if not isinstance(load, dict):
+        return None
+    before, after, cores = load.get("before"), load.get("after"), load.get("cores")
+    ends = [f"{x[0]:.1f}" if x else "?" for x in (before, after)]
+    if not before and not after:
+        return None
+    return f"load {ends[0]}→{ends[1]}" + (f" / {cores} cores" if cores else "")
+
+
+def profile_rows(runs: Runs) -> list[dict]:
+    """One row per pipeline step with a recorded wall time: name, kind, seconds, cpu_seconds, load (its record's)."""
+    rows = []
+    for s in runs.steps:
+        if s["seconds"] is None:
+            continue
+        record = step_record(s["dir"])
+        rows.append({"name": s["name"], "kind": s["kind"], "seconds": float(s["seconds"]),
+                     "cpu_seconds": record.get("cpu_seconds"), "load": record.get("load")})
+    return rows
+
+
+def profile_section(runs: Runs) -> list[str]:
+    """Where a pipeline's time went: seconds per kind of step and per step (wall, CPU where recorded), each with its
+    share of the steps' total wall time, and the load each step ran under."""
+    rows = profile_rows(runs)
+    if not rows:
+        return []
+    total = sum(r["seconds"] for r in rows) or 1e-9
+    kinds: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: -r["seconds"]):
+        kinds.setdefault(r["kind"], []).append(r)
+    kinds = dict(sorted(kinds.items(), key=lambda kv: -sum(r["seconds"] for r in kv[1])))
+
+    def cpu(members: list[dict]) -> str:
+        known = [r["cpu_seconds"] for r in members if r["cpu_seconds"] is not None]
+        if not known:
+            return "–"
+        return fmt(sum(known), ".1f") + ("" if len(known) == len(members) else f" ({len(known)} of {len(members)})")
+
+    lines = ["## Profile by step", "",
+             f"Each finished step's cost from its record (fingerprint.json), over {len(rows)} steps and "
+             f"{duration(total, hours=True)} of step wall time: wall seconds; CPU seconds (user+sys of the step's process "
+             "and its child processes, over every core: above the wall time when several cores worked; – not recorded: "
+             "a step run elsewhere, e.g. SLURM, in a job array, or recorded before CPU seconds were); share: of the "
+             "steps' total wall time (steps skipped when resuming keep the time of the run that did them); load: the "
+             "machine's 1-minute load average before→after the step and its core count (a load above the core count "
+             "means the step shared the machine and its wall time is longer than on a quiet one).", "",
+             "| kind | steps | wall s | share | CPU s |", "|---|---|---|---|---|"]
+    for kind, members in kinds.items():
+        secs = sum(r["seconds"] for r in members)
+        lines.append(f"| {kind} | {len(members)} | {secs:.1f} | {100 * secs / total:.1f}% | {cpu(members)} |")
+    lines.append(f"| total | {len(rows)} | {total:.1f} | 100% | {cpu(rows)} |")
+    lines += ["", "| kind | step | wall s | share | CPU s | CPU / wall | load |", "|---|---|---|---|---|---|---|"]
+    for kind, members in kinds.items():
+        for r in members:
+            c = r["cpu_seconds"]
+            ratio = fmt(c / r["seconds"], ".2f") if c is not None and r["seconds"] > 0 else "–"
+            lines.append(f"| {kind} | {r['name']} | {r['seconds']:.1f} | {100 * r['seconds'] / total:.1f}% | "
+                         f"{fmt(c, '.1f')} | {ratio} | {fmt_load(r['load']) or '–'} |")
     return lines + [""]
 
 
@@ -525,6 +606,28 @@ def time_to_reach(run: LoraRun, target: float) -> tuple[int, float] | None:
     return None
 
 
+def cpu_elapsed(run: TrainedRun) -> list[float | None]:
+    """Cumulative process CPU seconds of the training loop at each history row (its `cpu_s` per interval); None from
+    the first row that did not record it on (a run from before CPU seconds were logged)."""
+    out, total = [], 0.0
+    for row in run.history:
+        if total is not None and row.get("cpu_s") is not None:
+            total += float(row["cpu_s"])
+        else:
+            total = None
+        out.append(total)
+    return out
+
+
+def cpu_at(run: TrainedRun, step: int | None = None) -> float | None:
+    """The loop's CPU seconds up to `step` (default: the end), or None when not recorded."""
+    cpu = cpu_elapsed(run)
+    for row, c in zip(run.history, cpu):
+        if step is not None and row["step"] >= step:
+            return c
+    return cpu[-1] if cpu and step is None else None
+
+
 def timing_rows(runs: Runs) -> list[dict]:
     rows = []
     for g in runs.generate:
@@ -543,12 +646,18 @@ def timing_rows(runs: Runs) -> list[dict]:
                "generator_s": generator.elapsed()[-1] if generator and generator.history else None,
                "generator": generator.name if generator else None,
                "lora": lora.name if lora else None, "reach": None, "lora_s": None, "lora_steps": None,
-               "lora_evals": 0}
+               "lora_evals": 0, "generate_load": fmt_load(step_record(g.path).get("load")),
+               "generator_cpu": cpu_at(generator) if generator and generator.history else None,
+               "generator_load": fmt_load(step_record(generator.path).get("load")) if generator else None,
+               "lora_cpu": None, "lora_load": None, "reach_cpu": None}
         if lora is not None and lora.history:
             row.update(lora_s=lora.elapsed()[-1], lora_steps=lora.history[-1]["step"],
-                       lora_evals=len(_series(lora, "eval_acc")[0]))
+                       lora_evals=len(_series(lora, "eval_acc")[0]), lora_cpu=cpu_at(lora),
+                       lora_load=fmt_load(step_record(lora.path).get("load")))
             if accs:
                 row["reach"] = time_to_reach(lora, row["generated_acc"])
+                if row["reach"] is not None:
+                    row["reach_cpu"] = cpu_at(lora, row["reach"][0])
         rows.append(row)
     return rows
 
@@ -582,14 +691,32 @@ def timing_section(runs: Runs, out: Path) -> list[str]:
         lines.append(f"| {held} | {fmt(r['generated_acc'])} ({r['k']}) | {fmt(r['generate_s'], '.3f')} | "
                      f"{fmt(r['encoder_load_s'], '.3f')} | {fmt(r['generator_s'], '.1f')} | {r['lora'] or '–'} | "
                      f"{reach_step} | {reach_s} | {fmt(r['lora_s'], '.1f')} ({r['lora_steps'] or '–'}) |")
-    xlabel = "wall-clock seconds, log scale (CPU seconds and machine load were not recorded)"
-    png = plots.timing(timing_groups(rows), "Generating an adapter vs fine-tuning one, per held-out dataset", xlabel,
+    groups = timing_groups(rows)
+    extras = [b[3] for _, bars in groups for b in bars if len(b) > 3]
+    has_cpu = any(e.get("cpu") is not None for e in extras)
+    has_load = any(e.get("load") for e in extras)
+    if has_cpu or has_load:
+        xlabel = ("log scale; bars: wall-clock seconds" + ("; dark inner bars: CPU seconds (all cores) where recorded"
+                                                           if has_cpu else "") +
+                  "; load: 1-minute load average before→after the step / its cores")
+    else:
+        xlabel = "wall-clock seconds, log scale (CPU seconds and machine load were not recorded)"
+    png = plots.timing(groups, "Generating an adapter vs fine-tuning one, per held-out dataset", xlabel,
                        out / "timing.png")
-    return lines + ["", image(png, "timing"), "",
-                    "All times are wall-clock seconds of steps that ran at different times: what else the machine "
-                    "was running then was not recorded, so bars of different steps compare only as well as their "
-                    "loads did. LoRA and generator training: the training loop's own time from its logged throughput "
-                    "(in-training evaluations in it; model loading and the final evaluation not).", ""]
+    if has_cpu or has_load:
+        note = ("Bars are wall-clock seconds of steps that ran at different times; each is labelled with the load its "
+                "step ran under (from its step record), and, where recorded, the CPU seconds it used (the dark inner "
+                "bar: process CPU time over every core, which depends much less on what else the machine ran; above "
+                "the wall time when several cores worked). Bars without CPU seconds or load are from records that "
+                "predate them. LoRA and generator training: the training loop's own time (wall: from its logged "
+                "throughput; CPU: its logged cpu_s), in-training evaluations in it, model loading and the final "
+                "evaluation not; generating: wall seconds per adapter (generate.json; no CPU seconds).")
+    else:
+        note = ("All times are wall-clock seconds of steps that ran at different times: what else the machine "
+                "was running then was not recorded, so bars of different steps compare only as well as their "
+                "loads did. LoRA and generator training: the training loop's own time from its logged throughput "
+                "(in-training evaluations in it; model loading and the final evaluation not).")
+    return lines + ["", image(png, "timing"), "", note, ""]
 
 
 def generated_name(name: str, stem: str) -> str:
@@ -600,9 +727,10 @@ def generated_name(name: str, stem: str) -> str:
     return f"{word} ({fam.removeprefix(stem + '-')})" if fam.startswith(stem + "-") else word
 
 
-def timing_groups(rows: list[dict]) -> list[tuple[str, list[tuple[str, float, str]]]]:
+def timing_groups(rows: list[dict]) -> list[tuple[str, list[tuple[str, float, str, dict]]]]:
     """Per held-out dataset: one bar per generate run (one adapter), per generator trained (once), per distinct
-    LoRA step that reached a generated accuracy, and the LoRA's full fine-tune (once)."""
+    LoRA step that reached a generated accuracy, and the LoRA's full fine-tune (once). A bar is (label, wall seconds,
+    kind, {"cpu": CPU seconds or None, "load": its step's load as fmt_load says it, or None})."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(str(r["dataset"]), []).append(r)
@@ -610,20 +738,24 @@ def timing_groups(rows: list[dict]) -> list[tuple[str, list[tuple[str, float, st
     for dataset, members in groups.items():
         bars, seen = [], set()
         for r in members:
-            bars.append((f"{generated_name(r['run'], 'generate')}: one adapter", r["generate_s"], "generate"))
+            bars.append((f"{generated_name(r['run'], 'generate')}: one adapter", r["generate_s"], "generate",
+                         {"cpu": None, "load": r.get("generate_load")}))
         for r in members:
             if r["generator_s"] is not None and r["generator"] not in seen:
                 seen.add(r["generator"])
-                bars.append((f"{generated_name(r['generator'], 'generator')}: training", r["generator_s"], "generator"))
-        reached: dict[int, tuple[float, list[str]]] = {}
+                bars.append((f"{generated_name(r['generator'], 'generator')}: training", r["generator_s"], "generator",
+                             {"cpu": r.get("generator_cpu"), "load": r.get("generator_load")}))
+        reached: dict[int, tuple[float, list[str], dict]] = {}
         for r in members:
             if r["reach"] is not None:
                 step, secs = r["reach"]
-                reached.setdefault(step, (secs, []))[1].append(generated_name(r["run"], "generate"))
-        for step, (secs, names) in sorted(reached.items()):
-            bars.append((f"LoRA to step {step}, its first eval ≥ the acc of {', '.join(names)}", secs, "lora"))
+                extra = {"cpu": r.get("reach_cpu"), "load": r.get("lora_load")}
+                reached.setdefault(step, (secs, [], extra))[1].append(generated_name(r["run"], "generate"))
+        for step, (secs, names, extra) in sorted(reached.items()):
+            bars.append((f"LoRA to step {step}, its first eval ≥ the acc of {', '.join(names)}", secs, "lora", extra))
         full = next((r for r in members if r["lora_s"] is not None), None)
         if full is not None:
-            bars.append((f"LoRA full fine-tune ({full['lora_steps']} steps)", full["lora_s"], "lora"))
+            bars.append((f"LoRA full fine-tune ({full['lora_steps']} steps)", full["lora_s"], "lora",
+                         {"cpu": full.get("lora_cpu"), "load": full.get("lora_load")}))
         out.append((dataset, bars))
     return out

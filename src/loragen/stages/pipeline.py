@@ -3,6 +3,9 @@
 Each step runs in `<run dir>/<step name>/`; running again with the same `hydra.run.dir`
 skips finished steps and resumes an interrupted one (see pipeline.engine). `pipeline.dry_run=true`
 prints the steps and runs none.
+
+When it ends, it logs (console and loragen.log) its own wall time and the slowest steps run this time, with their
+share of it (engine.profile); the report's "Profile by step" has every step's seconds, CPU seconds and load.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ def run(cfg: DictConfig) -> dict:
     execute = EXECUTORS.get(cfg.pipeline.executor)
     if execute is None:
         raise ConfigError(f"pipeline.executor={cfg.pipeline.executor!r}; expected one of {sorted(EXECUTORS)}")
+    t0 = engine.clock()
     root = runtime.run_dir()
     steps = recipe.steps(cfg, root)
     if cfg.pipeline.dry_run:
         print(describe(steps))
         return {"steps": {s.name: {"overrides": s.overrides, "deps": s.deps} for s in steps}}
 
-    status = engine.run_steps(steps, root, engine.shared_overrides(cfg), execute)
+    status = engine.run_steps(steps, root, engine.shared_overrides(cfg), execute,
+                              cpu=cfg.pipeline.executor != "slurm")
 
     rows = recipe.table(cfg, root)
     if runtime.is_main():
@@ -52,6 +57,7 @@ def run(cfg: DictConfig) -> dict:
             log.info("plot %s", png)
         print(text)
         log.info("pipeline table in %s", root / rundir.TABLE_MD)
+        log.info("%s", engine.profile(status, engine.clock() - t0))  # on the console and in loragen.log
     return {"rows": rows, "steps": status}
 
 

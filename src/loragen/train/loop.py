@@ -26,7 +26,11 @@
   (deferred writes in its background writer, flushed before each full-state save and at the end);
   `best` (train.checkpoints.BestCheckpoint) gets every evaluation's metrics and keeps the best adapter;
   `on_step(step)` runs after every optimizer step.
-- Tracker metrics: train/{loss, lr, grad_norm, units_per_s, samples_per_s, tokens_per_s, memory_mb}, eval/*.
+- History rows (one per logged step): `loss` (that step's), `loss_interval` (the mean loss over every micro-batch
+  since the previous row: the interval's loss sums over its loss units), `cpu_s` (process CPU seconds over the
+  interval, all threads: above the wall time when several cores worked), lr, grad_norm, the rates, eval_*.
+- Tracker metrics: train/{loss, loss_interval, cpu_s, lr, grad_norm, units_per_s, samples_per_s, tokens_per_s,
+  memory_mb}, eval/*.
   The tracker's run id (`tracker.run_id`, when it has one) is saved in the state, so a resumed run continues it.
 Only the main process writes files and logs.
 """
@@ -150,6 +154,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
 
     ddp_model.train()
     t_last, units_since, samples_since, tokens_since = time.perf_counter(), 0.0, 0.0, 0.0
+    cpu_last, loss_since = time.process_time(), 0.0  # process CPU seconds; loss sums over the interval
     prefetch = BatchPrefetcher(items, collate, batches, rank=acc.process_index, max_steps=max_steps)
     bar = runtime.ProgressBar(max_steps, desc="train", initial=start)
 
@@ -184,6 +189,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
             wrapped_optimizer.zero_grad(set_to_none=True)
             bar.update(1, loss=loss, lr=lr)
             units_since, samples_since, tokens_since = units_since + units, samples_since + samples, tokens_since + tokens
+            loss_since += loss_sum
 
             row: dict[str, float] = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm}
             evaluated = eval_fn is not None and int(tc.eval_every) > 0 and done % int(tc.eval_every) == 0
@@ -191,10 +197,13 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, items: Sequence, collate: Calla
                 row.update(_evaluate(eval_fn, ddp_model, acc))
             if done % int(tc.log_every) == 0 or done == max_steps or evaluated:  # never drop an evaluation
                 dt = max(time.perf_counter() - t_last, 1e-9)
-                row.update(units_per_s=units_since / dt, samples_per_s=samples_since / dt, memory_mb=_memory_mb(acc.device))
+                cpu_now = time.process_time()
+                row.update(loss_interval=loss_since / units_since, cpu_s=cpu_now - cpu_last,
+                           units_per_s=units_since / dt, samples_per_s=samples_since / dt, memory_mb=_memory_mb(acc.device))
                 if tokens_since:
                     row["tokens_per_s"] = tokens_since / dt
                 t_last, units_since, samples_since, tokens_since = time.perf_counter(), 0.0, 0.0, 0.0
+                cpu_last, loss_since = cpu_now, 0.0
                 history.append(row)
                 tracker.log({(k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}"): v
                              for k, v in row.items() if k != "step"}, step=done)
