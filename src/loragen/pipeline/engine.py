@@ -73,18 +73,10 @@ def stop_on_signals() -> Iterator[None]:
         raised.append(signum)
         raise StopRequested(signum)
 
-    previous = {}
-    for s in STOP_SIGNALS:
-        h = signal.getsignal(s)
-        if h is not signal.SIG_IGN:
-            previous[s] = h
-            signal.signal(s, handler)
-    try:
+    from loragen.train.preemption import handling
+
+    with handling(STOP_SIGNALS, handler):
         yield
-    finally:
-        for s, h in previous.items():
-            if signal.getsignal(s) is handler:  # not when the block left a newer one (train.preemption.exit_at_once)
-                signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def stopped_message(signum: int) -> str:

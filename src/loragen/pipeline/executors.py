@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from loragen import jobs
 from loragen.errors import Interrupted
 from loragen.pipeline.engine import STOP_SIGNALS, Step, StopRequested, run_in_process, stop_on_signals, stopped_message
+from loragen.train.preemption import handling
 
 log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted"  # the key of a step job's result when a signal stopped it
@@ -144,18 +145,8 @@ def passed_on(submitted: Sequence) -> Iterator[list[int]]:
         for job in submitted:
             terminate(job)
 
-    previous = {}
-    for s in STOP_SIGNALS:
-        h = signal.getsignal(s)
-        if h is not signal.SIG_IGN:
-            previous[s] = h
-            signal.signal(s, handler)
-    try:
+    with handling(STOP_SIGNALS, handler):
         yield received
-    finally:
-        for s, h in previous.items():
-            if signal.getsignal(s) is handler:
-                signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def terminate(job) -> None:

@@ -14,12 +14,13 @@ step boundary and stops there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 from types import FrameType
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
@@ -35,6 +36,25 @@ def exit_now(message: str, code: int) -> NoReturn:
 def exit_at_once(signum: int, frame: FrameType | None) -> None:
     """Ctrl-C while a stopped run finishes stopping (tracker, exit handlers): end the process now."""
     exit_now("stopped at once (Ctrl-C again); the saved training state is kept", exit_code(signal.SIGINT))
+
+
+@contextlib.contextmanager
+def handling(signals: Iterable[int], handler: Callable[[int, FrameType | None], Any]) -> Iterator[None]:
+    """While the block runs, `handler` handles each of `signals` the process does not ignore (SIG_IGN stays); after
+    it, the previous handler comes back where `handler` is still the one installed (not over a newer one, e.g.
+    exit_at_once)."""
+    previous = {}
+    for s in signals:
+        h = signal.getsignal(s)
+        if h is not signal.SIG_IGN:
+            previous[s] = h
+            signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            if signal.getsignal(s) is handler:
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def signal_name(signum: int) -> str:
