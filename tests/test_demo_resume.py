@@ -5,6 +5,7 @@ rebuilt), so a test never reinstalls the package, whatever the stamp's age again
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,8 +23,11 @@ pytestmark = [
 
 
 def make(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "-o", f"{VENV}/.installed", *args, f"VENV={VENV}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    # under `make test` this make is a sub-make: without the parent's MAKEFLAGS/MAKELEVEL (and with
+    # --no-print-directory) it prints no "make[1]: Entering directory" lines around the commands
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "--no-print-directory", "-o", f"{VENV}/.installed", *args, f"VENV={VENV}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_demo_command_lines():
