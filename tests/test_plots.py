@@ -244,3 +244,12 @@ def test_heatmap_of_positive_cosines_uses_their_range():
     fig = plots.draw_heatmap(np.array([[1.0, -0.2], [-0.2, 1.0]]), ["a", "b"], "t")
     assert fig.axes[0].get_images()[0].get_clim() == (-1.0, 1.0)
     plt.close(fig)
+
+
+def test_curves_with_nothing_left_to_draw_still_render(tmp_path):
+    """Every panel constant or empty (a run too short to log much): one placeholder panel, no error."""
+    from loragen.report.plots import Panel, Series, curves
+
+    constant = Panel("learning rate", "", series=[Series("a", [1, 2], [5e-4, 5e-4], "lr")])
+    png = curves([("lora", [constant, Panel("loss", "")])], "t", tmp_path / "c.png")
+    assert png.is_file() and png.stat().st_size > 0

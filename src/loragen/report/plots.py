@@ -171,8 +171,10 @@ def is_constant(panel: Panel) -> bool:
 
 
 def _identical(series: list[Series]) -> bool:
+    if len(series) < 2:  # one run, or the "nothing logged" placeholder panel
+        return False
     first = series[0]
-    return len(series) > 1 and all(s.x == first.x and s.y == first.y and s.style == first.style for s in series)
+    return all(s.x == first.x and s.y == first.y and s.style == first.style for s in series)
 
 
 class PlainLogFormatter(LogFormatter):
