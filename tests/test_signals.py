@@ -38,6 +38,10 @@ TINY = ["stage=lora", "model=tiny_qwen2", "dataset=arc_easy", "tracker=none", "t
 def handlers():
     """Every handler a test may change, put back afterwards."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    # start from an interactive process's handlers: pytest itself may run with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
     yield
     for s, h in saved.items():
         signal.signal(s, h)
@@ -160,11 +164,17 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / "adapter_model.safetensors"))
 
 
+def _interactive_sigint() -> None:
+    """In the child: SIGINT as in a terminal's foreground job (a background pytest would pass on SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(args: list[str], signum: int, env: dict | None = None, preexec=None, timeout: float = 300):
     """Run loragen; at its first training progress line pause it, send `signum`, let it go on; return
     (returncode, stdout, stderr). Pausing makes the signal land mid-run however fast the steps are."""
     proc = subprocess.Popen([sys.executable, "-m", "loragen", *args], cwd=ROOT, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec or _interactive_sigint)
     out = []
     try:
         for line in proc.stdout:
