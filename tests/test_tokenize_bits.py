@@ -1,0 +1,49 @@
+"""Tokens, per-token stds and chunk statistics stay bit for bit what the implementation of 2026-12-01 (commit
+3f506bc, before the streaming encoder) produced on fixed adapters: a faster encoder must not move a single bit.
+
+The digests were computed with that commit's `tokenize_checkpoints`; the adapters are seeded (random_qwen_adapter
+draws from its own torch.Generator), so they are the same bytes on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from loragen.bench.tokenize import MODULES, random_qwen_adapter
+from loragen.lora.adapter_io import write_adapter
+from loragen.lora.tokenize import tokenize_checkpoints
+
+CASES = {  # (scheme, chunk, dtype) -> sha256 of tokens, token_std, chunk_mean, chunk_std (each's raw bytes)
+    ("dnd", None, "float32"): ('784d4f1db88759c8', 'f1288c73674c5818', '20ff8322cd66f9c4', 'bb3b2a5a2cd90b73'),
+    ("dnd", 100, "float32"): ('6056a07c4ec87b08', 'ab52b827a5a8ea43', 'ac1f344f64741ab3', '3835b3c1051f472c'),
+    ("dnd", 100, "bfloat16"): ('3ec2c51af8b48b21', '1d5e231c57fd7d8e', '9fbda055cd1f0531', '550e95cdf374b86a'),
+    ("flat", None, "float32"): ('ee15769d76f52836', '0fe83360b167f897', '-', '-'),
+}
+
+
+def digest(t: torch.Tensor | None) -> str:
+    if t is None:
+        return "-"
+    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def trajectory(root: Path, dtype: str) -> Path:
+    """Five checkpoints of a 2-layer Qwen2.5-0.5B-shaped r=8 adapter, each a small move of the first."""
+    first = random_qwen_adapter(0, layers=2)
+    for i in range(5):
+        move = random_qwen_adapter(100 + i, layers=2)
+        tensors = {k: (v + 0.1 * (i + 1) * move.tensors[k]).to(getattr(torch, dtype)) for k, v in first.tensors.items()}
+        write_adapter(root / f"step-{(i + 1) * 10:06d}", type(first)(first.config, tensors))
+    return root
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=lambda c: "-".join(map(str, c)))
+def test_tokens_are_bit_equal_to_the_previous_implementation(tmp_path, case):
+    scheme, chunk, dtype = case
+    ts = tokenize_checkpoints(trajectory(tmp_path, dtype), modules=MODULES, scheme=scheme, chunk=chunk)
+    got = tuple(digest(t) for t in (ts.tokens, ts.token_std, ts.chunk_mean, ts.chunk_std))
+    assert got == CASES[case]
