@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from loragen.bench.tokenize import MODULES, random_qwen_adapter
+from loragen.generator.tasks import Task, mean_checkpoint
 from loragen.lora.adapter_io import write_adapter
 from loragen.lora.tokenize import tokenize_checkpoints
 
@@ -47,3 +48,13 @@ def test_tokens_are_bit_equal_to_the_previous_implementation(tmp_path, case):
     ts = tokenize_checkpoints(trajectory(tmp_path, dtype), modules=MODULES, scheme=scheme, chunk=chunk)
     got = tuple(digest(t) for t in (ts.tokens, ts.token_std, ts.chunk_mean, ts.chunk_std))
     assert got == CASES[case]
+
+
+@pytest.mark.parametrize("shape", [(300, 10, 66), (4296, 10, 130), (50, 3, 4)])
+def test_mean_checkpoint_by_blocks_equals_the_one_tensor_mean(shape):
+    g = torch.Generator().manual_seed(0)
+    sets = [torch.randn(n, *shape, generator=g) * (i + 1) for i, n in enumerate([6, 5, 3])]
+    tasks = [Task(f"t{i}", type("TS", (), {"tokens": s})(), [], torch.empty(0), "test", None) for i, s in enumerate(sets)]
+    expected = torch.cat(sets).mean(0)
+    assert torch.equal(mean_checkpoint(tasks), expected)
+    assert torch.equal(mean_checkpoint(tasks, block=16), expected)
