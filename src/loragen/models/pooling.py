@@ -31,3 +31,42 @@ def embed_encoded(model: torch.nn.Module, enc: dict[str, torch.Tensor]) -> torch
     enc = {k: v.to(device) for k, v in enc.items()}
     hidden = model(**enc).last_hidden_state
     return torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]).float(), dim=-1)
+
+
+# A forward call costs about this many tokens of padding (MiniLM on CPU: ~1 ms of call overhead against ~0.4 ms per
+# token of a training step); `length_groups` cuts a batch where the padding saved exceeds it.
+CALL_COST_TOKENS = 16
+
+
+def length_groups(lengths: list[int], call_cost: int = CALL_COST_TOKENS) -> list[list[int]]:
+    """Indices of `lengths` in groups of similar length, minimising padded tokens + call_cost per group.
+
+    Optimal over contiguous runs of the length-sorted order (dynamic programming, O(n^2) for a batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sl = [lengths[i] for i in order]
+    best, cut = [0] + [None] * len(sl), [0] * (len(sl) + 1)
+    for j in range(1, len(sl) + 1):  # best[j]: cost of the first j; a group (i, j] pads to sl[j-1]
+        best[j], cut[j] = min((best[i] + (j - i) * sl[j - 1] + call_cost, i) for i in range(j))
+    groups, j = [], len(sl)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def encode_groups(tokenizer, texts: list[str], max_length: int = 256,
+                  call_cost: int = CALL_COST_TOKENS) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """`encode_texts` in groups of similar length (`length_groups`): (indices into texts, inputs) per group.
+
+    One padded batch of questions wastes about half its tokens (ARC-Easy, batch 16: 425 real of 992); the
+    embeddings are the same up to float rounding (a padded position is masked out of attention and pooling)."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    return [(idx, encode_texts(tokenizer, [texts[i] for i in idx], max_length))
+            for idx in length_groups(lengths, call_cost)]
+
+
+def embed_groups(model: torch.nn.Module, groups: list[tuple[list[int], dict[str, torch.Tensor]]]) -> torch.Tensor:
+    """[n, C] embeddings of texts encoded by `encode_groups`, in the texts' order (differentiable)."""
+    order = torch.tensor([i for idx, _ in groups for i in idx])
+    emb = torch.cat([embed_encoded(model, enc) for _, enc in groups])
+    return emb[torch.argsort(order).to(emb.device)]

@@ -37,7 +37,7 @@ from loragen.errors import ConfigError, DataError
 from loragen.evaluation.scoring import last_logits, right_padded
 from loragen.evaluation.tokenization import encode_requests, encode_seq2seq_requests
 from loragen.models.chat import render_prompt
-from loragen.models.pooling import embed_encoded, encode_texts
+from loragen.models.pooling import embed_groups, encode_groups
 
 IGNORE = -100
 
@@ -221,7 +221,10 @@ def _pad_id(tokenizer) -> int:
 
 # encoders --------------------------------------------------------------------------------------
 
-def encoder_choice_ce(tokenizer, *, max_length: int, temperature: float) -> Objective:
+def encoder_choice_ce(tokenizer, *, max_length: int, temperature: float, encode=encode_groups) -> Objective:
+    """Cross-entropy over cos(question, choice_k) / temperature. `encode(tokenizer, texts, max_length)` ->
+    [(indices, inputs)]: by default groups of similar length (`pooling.encode_groups`); the bench's reference
+    passes one padded batch."""
     if temperature <= 0:
         raise ConfigError(f"lora.temperature={temperature}; expected > 0")
 
@@ -234,17 +237,17 @@ def encoder_choice_ce(tokenizer, *, max_length: int, temperature: float) -> Obje
                 pairs.append((ctxs.setdefault(ctx, len(ctxs)), conts.setdefault(cont.strip(), len(conts))))
                 owner.append(i)
             gold.append(rec.gold)
-        # questions and the (much shorter) choices are embedded in two passes: far less padding. Both are
-        # tokenized here, not in the loss: the loop builds the next batch while this one trains
+        # questions and the (much shorter) choices are embedded in groups of similar length: far less padding.
+        # Both are tokenized here, not in the loss: the loop builds the next batch while this one trains
         pairs = [(c, len(ctxs) + x) for c, x in pairs]
         width = max(r.num_choices for r in records)
         slot = torch.tensor([k for rec in records for k in range(rec.num_choices)])
-        return {"questions": encode_texts(tokenizer, list(ctxs), max_length),
-                "choices": encode_texts(tokenizer, list(conts), max_length), "pairs": torch.tensor(pairs),
+        return {"questions": encode(tokenizer, list(ctxs), max_length),
+                "choices": encode(tokenizer, list(conts), max_length), "pairs": torch.tensor(pairs),
                 "owner": torch.tensor(owner), "slot": slot, "gold": torch.tensor(gold), "width": width, "num_tokens": 0}
 
     def loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        emb = torch.cat([embed_encoded(model, batch["questions"]), embed_encoded(model, batch["choices"])])
+        emb = torch.cat([embed_groups(model, batch["questions"]), embed_groups(model, batch["choices"])])
         pairs = batch["pairs"].to(emb.device)
         cos = (emb[pairs[:, 0]] * emb[pairs[:, 1]]).sum(-1)
         logits = torch.full((len(batch["gold"]), batch["width"]), float("-inf"), device=emb.device)
