@@ -9,7 +9,7 @@ from loragen.bench import __main__ as bench
 
 def test_benchmarks_are_the_modules_with_run():
     # scaling estimates GPU resources from shapes and has no run(): `make bench` must not call it
-    assert bench.benchmarks() == ["evaluate", "generator", "tokenize", "train", "transfer"]
+    assert bench.benchmarks() == ["evaluate", "generator", "hyperconv", "tokenize", "train", "transfer"]
 
 
 def test_unknown_benchmark_is_named(tmp_path):

@@ -4,19 +4,140 @@ A layer maps feature maps of shape (C, H, W) to (C', H', W'):
 LayerNorm over (H, W); branch A convolves over W (W as the channels) then over H; branch B over H then
 over W, then tanh; the two and a learned bias[H', W'] are averaged; a k x k channel conv maps C to C'.
 The chain adds a skip connection wherever a layer's input and output shapes match.
+
+Speed (bench `hyperconv`, issue [4/5]): on CPU the five convolutions of a layer are nearly all of a training
+step and oneDNN's direct convolution already runs near the core's peak, so the layer does fewer multiplications
+instead: a k x k "same" convolution runs as a one-dimensional Winograd convolution F(m, k) (Toom-Cook, points
+0, +-1, +-2, +-1/2, infinity; tiles of alpha = m + k - 1 = 8 rows, m = 4 for k = 5) along its longer spatial
+axis and a direct 1 x k convolution along the other. The alpha products are one grouped convolution with 1 x k
+kernels over m-times fewer rows: alpha / (m k) = 0.4 of the multiplications for k = 5. The
+parameters are the same nn.Conv2d modules as before (state_dict unchanged, old checkpoints load); the results
+equal the direct convolution's to fp32 rounding (a few 1e-6 of the output scale; tests/test_hyperconv_speed.py).
+Direct convolution stays where the transforms cost more than they save (other kernel sizes, few channels), off
+the CPU (cuDNN picks its own algorithms, Winograd included) and for half precision (fp16/bf16 rounding would
+be amplified by the transforms).
 """
 
 from __future__ import annotations
 
+import functools
 from itertools import pairwise
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from loragen.errors import ConfigError
 
 Shape = tuple[int, int, int]
+
+WINOGRAD_POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, -3.0)
+# kernel size -> output rows m per tile of alpha = m + k - 1 = 8 (alpha 10 grows the fp32 error ~10x). Measured on
+# the 2-core CPU of bench `hyperconv` (2 threads, fwd + bwd per conv): k=5 pays (up to 1.5x on the big convs);
+# k=3 (F(6,3)) lost on every conv of small_minilm and k=7 (F(2,7)) broke even, so both stay direct.
+WINOGRAD_TILE = {5: 4}
+WINOGRAD_MIN_MACS = 128 * 128  # in x out channels below which the transforms cost more than they save (k=5)
+
+
+@functools.lru_cache(maxsize=None)
+def _winograd_f64(m: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A^T [m, a], G [a, r], B^T [a, a] of the 1-D Winograd correlation F(m, r): y = A^T ((G g) * (B^T d)).
+
+    Toom-Cook by the transposition principle: the product of polynomials of degrees r-1 and m-1 is evaluated
+    at a = m + r - 1 points (the last at infinity: the leading coefficients) and interpolated; the correlation
+    is the transpose of that linear map in the data.
+    """
+    a = m + r - 1
+    pts = WINOGRAD_POINTS[: a - 1]
+
+    def vander(n: int) -> torch.Tensor:
+        rows = [[p**i for i in range(n)] for p in pts] + [[0.0] * (n - 1) + [1.0]]
+        return torch.tensor(rows, dtype=torch.float64)
+
+    return vander(m).T.contiguous(), vander(r), torch.linalg.inv(vander(a)).T.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _winograd(m: int, r: int, dtype: torch.dtype, device: torch.device):
+    return tuple(t.to(dtype=dtype, device=device) for t in _winograd_f64(m, r))
+
+
+class _WinogradRows(torch.autograd.Function):
+    """y = conv2d(x, w, padding='same') from the transformed weights u = G w: F(m, r) along dim 2, 1 x r along dim 3.
+
+    x [n, ci, s1, s2] (any strides), u [a * co, ci, 1, r] (the a transformed kernels stacked). The a products are
+    one grouped oneDNN convolution with 1 x r kernels over the tiles; forward and backward are written out so that
+    a step is few large ops (no per-tile zero-fill or scatter as autograd's unfold backward would do). Saves the
+    transformed input (a / m times the input's size) for backward; no double backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, u: torch.Tensor, m: int) -> torch.Tensor:
+        n, ci, s1, s2 = x.shape
+        r = u.shape[-1]
+        a, p = m + r - 1, r // 2
+        co = u.shape[0] // a
+        at, _, bt = _winograd(m, r, x.dtype, x.device)
+        tiles = -(-s1 // m)
+        xp = F.pad(x, (0, 0, p, tiles * m + r - 1 - s1 - p))
+        d = xp.unfold(2, a, m).permute(0, 4, 1, 2, 3).reshape(n, a, ci * tiles * s2)  # the a rows of every tile
+        v = torch.matmul(bt, d).view(n, a * ci, tiles, s2)
+        prods = F.conv2d(v, u, padding=(0, p), groups=a).view(n, a, co * tiles * s2)
+        y = torch.matmul(at, prods).view(n, m, co, tiles, s2).permute(0, 2, 3, 1, 4).reshape(n, co, tiles * m, s2)
+        ctx.save_for_backward(v, u)
+        ctx.m, ctx.s1 = m, s1
+        return y[:, :, :s1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy: torch.Tensor):
+        v, u = ctx.saved_tensors
+        m, s1 = ctx.m, ctx.s1
+        n, _, tiles, s2 = v.shape
+        r = u.shape[-1]
+        a, p = m + r - 1, r // 2
+        ci, co = v.shape[1] // a, u.shape[0] // a
+        at, _, bt = _winograd(m, r, v.dtype, v.device)
+        gq = F.pad(gy, (0, 0, 0, tiles * m - s1)).view(n, co, tiles, m, s2).permute(0, 3, 1, 2, 4)
+        gp = torch.matmul(at.T, gq.reshape(n, m, co * tiles * s2)).view(n, a * co, tiles, s2)
+        need_x, need_u = ctx.needs_input_grad[:2]
+        gv, gu, _ = torch.ops.aten.convolution_backward(gp, v, u, None, [1, 1], [0, p], [1, 1], False, [0, 0], a,
+                                                        [need_x, need_u, False])
+        gx = None
+        if need_x:
+            gd = torch.matmul(bt.T, gv.view(n, a, ci * tiles * s2)).view(n, a, ci, tiles, s2).permute(0, 2, 3, 1, 4)
+            blocks = -(-a // m)  # a tile spans this many blocks of m rows: fold the tiles back block by block
+            gxp = gd.new_zeros(n, ci, tiles + blocks - 1, m, s2)
+            for j in range(blocks):
+                rows = min(m, a - j * m)
+                gxp[:, :, j : j + tiles, :rows].add_(gd[:, :, :, j * m : j * m + rows])
+            gx = gxp.view(n, ci, -1, s2)[:, :, p : p + s1]
+        return gx, gu, None
+
+
+def _winograd_rows(x: torch.Tensor, weight: torch.Tensor, m: int) -> torch.Tensor:
+    """conv2d(x, weight, padding='same') with F(m, r) along dim 2 and a direct 1 x r conv along dim 3."""
+    co, ci, r, _ = weight.shape
+    _, g, _ = _winograd(m, r, x.dtype, x.device)
+    u = (g @ weight.permute(2, 0, 1, 3).reshape(r, -1)).view((m + r - 1) * co, ci, 1, r)
+    return _WinogradRows.apply(x, u, m)
+
+
+def conv_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """conv2d(x, weight, bias, padding='same') for an odd square kernel, Winograd along the longer axis when it pays."""
+    r = weight.shape[-1]
+    m = WINOGRAD_TILE.get(r, 0)
+    s1, s2 = x.shape[2:]
+    if (m < 2 or max(s1, s2) < m or weight.shape[0] * weight.shape[1] < WINOGRAD_MIN_MACS
+            or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)):
+        return F.conv2d(x, weight, bias, padding=r // 2)
+    if s2 > s1:
+        y = _winograd_rows(x.transpose(2, 3), weight.transpose(2, 3), m).transpose(2, 3)
+    else:
+        y = _winograd_rows(x, weight, m)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
 class HyperConv(nn.Module):
@@ -38,13 +159,13 @@ class HyperConv(nn.Module):
     @staticmethod
     def _over(conv: nn.Conv2d, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Apply `conv` with axis `dim` of (B, C, H, W) as its channels; the other two are spatial."""
-        return conv(x.transpose(1, dim)).transpose(1, dim)
+        return conv_same(x.transpose(1, dim), conv.weight, conv.bias).transpose(1, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         a = self._over(self.conv_h_a, self._over(self.conv_w_a, x, 3), 2)
         b = torch.tanh(self._over(self.conv_w_b, self._over(self.conv_h_b, x, 2), 3))
-        return self.channel_conv((a + b + self.bias) / 3)
+        return conv_same(torch.add(a, b).add_(self.bias).div_(3), self.channel_conv.weight, self.channel_conv.bias)
 
 
 class HyperConvDecoder(nn.Module):
