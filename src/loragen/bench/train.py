@@ -1,11 +1,12 @@
 """Training speed: loragen's loop vs transformers' Trainer + PEFT on the same model, data, batch and steps.
 
-Causal (tiny_qwen2, SFT on ARC-Easy): tokens/s, both sides with loragen's objective and collate.
-Encoder (MiniLM, choice cross-entropy): samples/s; the reference is Trainer + PEFT with the objective written
-straightforwardly (questions and choices each embedded as one padded batch: `padded`), loragen its loop
-and objective (texts in groups of similar length); a second row gives Trainer loragen's objective too (the
-loops alone). fp32 on CPU; wall time of the training call only (model loading excluded). The two run alternately REPEATS times and each side's median counts, since
-the load of a shared machine drifts. Also: trajectory-checkpoint save time as a fraction of step time
+Causal (tiny_qwen2, SFT on ARC-Easy, batch 8): tokens/s, both sides with loragen's objective and collate.
+Encoder (MiniLM, choice cross-entropy, batch 16 as in make demo's LoRAs): samples/s; the reference is Trainer +
+PEFT with the objective written straightforwardly (questions and choices each embedded as one padded batch:
+`padded`), loragen its loop and objective (texts in groups of similar length); a second row gives Trainer
+loragen's objective too (the loops alone). fp32 on CPU; wall time of the training call only (model loading
+excluded). The sides run alternately REPEATS times and each side's median counts, since the load of a shared
+machine drifts. Also: trajectory-checkpoint save time as a fraction of step time
 at ckpt.every=1 (target < 10%), as the stage saves (lora.snapshot + the checkpointer's background
 writer): the time the training thread spends in Checkpointer.save and flush, per step.
 """
@@ -31,10 +32,10 @@ from loragen.train import Checkpointer, fit
 from loragen.train.objectives import encoder_choice_ce, make_objective
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
-STEPS, BATCH, LR, REPEATS = 20, 8, 1e-3, 3
-SETUPS = {  # model, LoRA targets, max_length, metric
-    "causal": ("tiny_qwen2", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"], "tokens/s"),
-    "encoder": ("minilm", ["query", "value"], "samples/s"),
+STEPS, LR, REPEATS = 20, 1e-3, 3
+SETUPS = {  # model, LoRA targets, metric, batch (the encoder's: make demo's LoRA batch)
+    "causal": ("tiny_qwen2", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"], "tokens/s", 8),
+    "encoder": ("minilm", ["query", "value"], "samples/s", 16),
 }
 
 
@@ -50,7 +51,7 @@ def padded(tokenizer, texts: list[str], max_length: int):
 
 
 def _setup(kind: str, encode=None):
-    name, targets, _ = SETUPS[kind]
+    name, targets, _, _ = SETUPS[kind]
     lm = load_model(OmegaConf.load(CONF / "model" / f"{name}.yaml"), _paths())
     model = attach_lora(lm.model, r=8, alpha=16, dropout=0.0, target_modules=targets, init_seed=0)
     if encode is not None:
@@ -60,20 +61,20 @@ def _setup(kind: str, encode=None):
     return model, obj
 
 
-def _train_cfg():
+def _train_cfg(batch: int):
     cfg = OmegaConf.load(CONF / "train" / "default.yaml")
-    cfg.merge_with({"max_steps": STEPS, "lr": LR, "per_device_batch": BATCH, "seed": 0, "save_state_every": 0,
+    cfg.merge_with({"max_steps": STEPS, "lr": LR, "per_device_batch": batch, "seed": 0, "save_state_every": 0,
                     "log_every": STEPS, "resume": "never"})
     return cfg
 
 
 def _amount(kind: str, obj, records, n_samples: int) -> float:
-    """Work per run: input tokens (causal) or samples (encoder) of the same STEPS x BATCH documents."""
+    """Work per run: input tokens (causal) or samples (encoder) of the same STEPS x batch documents."""
     if kind == "encoder":
         return float(n_samples)
     from loragen.train.batches import StepBatches
 
-    sb = StepBatches(len(records), per_device_batch=BATCH, seed=0)
+    sb = StepBatches(len(records), per_device_batch=SETUPS[kind][3], seed=0)
     return float(sum(obj.collate([records[i] for i in sb.micro_batch(s, 0, 0)])["num_tokens"] for s in range(STEPS)))
 
 
@@ -116,7 +117,7 @@ def loragen_run(kind: str, records, tmp: Path, every: int = 0) -> tuple[float, T
     ckpt = TimedCheckpointer(tmp / rundir.CHECKPOINTS, lambda path: ckpt.timed_write(snapshot.deferred_write(path)),
                              every=every) if every else None
     t0 = time.perf_counter()
-    fit(model, obj.loss, records, obj.collate, _train_cfg(), accelerator=Accelerator(cpu=True), state_dir=tmp / rundir.STATE,
+    fit(model, obj.loss, records, obj.collate, _train_cfg(SETUPS[kind][3]), accelerator=Accelerator(cpu=True), state_dir=tmp / rundir.STATE,
         checkpointer=ckpt)
     return time.perf_counter() - t0, ckpt
 
@@ -136,7 +137,7 @@ def trainer_run(kind: str, records, tmp: Path, encode=None) -> float:
         batch.pop("num_tokens")
         return batch
 
-    args = TrainingArguments(output_dir=str(tmp / "hf"), per_device_train_batch_size=BATCH, max_steps=STEPS,
+    args = TrainingArguments(output_dir=str(tmp / "hf"), per_device_train_batch_size=SETUPS[kind][3], max_steps=STEPS,
                              learning_rate=LR, lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0,
                              logging_steps=STEPS, save_strategy="no", report_to=[], use_cpu=True, seed=0,
                              dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
@@ -148,14 +149,15 @@ def trainer_run(kind: str, records, tmp: Path, encode=None) -> float:
 
 def run() -> list[dict]:
     spec = OmegaConf.load(CONF / "dataset" / "arc_easy.yaml")
-    records = load_split(spec, "train", data_dir=_paths().data_dir, limit=STEPS * BATCH).records
+    most = max(b for *_, b in SETUPS.values())
+    records = load_split(spec, "train", data_dir=_paths().data_dir, limit=STEPS * most).records
     rows = []
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for kind, (name, _, metric) in SETUPS.items():
+        for kind, (name, _, metric, batch) in SETUPS.items():
             _, obj = _setup(kind)
-            work = _amount(kind, obj, records, STEPS * BATCH)
+            work = _amount(kind, obj, records, STEPS * batch)
             ours, ref, loop_ref = [], [], []
             for r in range(REPEATS):  # alternately: the machine's load drifts
                 ours.append(loragen_run(kind, records, tmp / f"{kind}-ours{r}")[0])
@@ -165,7 +167,7 @@ def run() -> list[dict]:
             ours_s, ref_s = statistics.median(ours), statistics.median(ref)
             what = ("Trainer + PEFT, the objective straightforwardly (each of questions and choices one padded batch)"
                     if kind == "encoder" else "Trainer + PEFT, same objective and collate")
-            rows.append({"name": f"train_{kind}", "metric": f"{metric} ({name}, {STEPS} steps of batch {BATCH}, fp32 CPU)",
+            rows.append({"name": f"train_{kind}", "metric": f"{metric} ({name}, {STEPS} steps of batch {batch}, fp32 CPU)",
                          "loragen": work / ours_s, "reference": work / ref_s, "ratio": ref_s / ours_s,
                          "target": ">= 1.2" if kind == "encoder" else ">= 1.0",
                          "notes": f"reference: {what}; median of {REPEATS} alternate runs (s: ours {_spread(ours)}, "
