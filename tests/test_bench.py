@@ -32,19 +32,31 @@ def test_results_written_with_machine_and_rows(tmp_path, monkeypatch):
     assert len(row["load_before"]) == 3 and len(row["load_after"]) == 3
     md = (tmp_path / "results.md").read_text().splitlines()
     load = f"{row['load_before'][0]:.2f}/{row['load_after'][0]:.2f}"
-    assert f"| fake | items/s | 30 | 12 | 2.50 | >= 2 | {load} | {row.get('notes', '')} |" in md
+    assert row["others_cores"] is not None and row["others_cores"] >= 0
+    assert f"| fake | items/s | 30 | 12 | 2.50 | >= 2 | {load} | {row['others_cores']:.2f} | {row.get('notes', '')} |" in md
 
 
-def test_a_row_measured_under_load_is_marked_busy(tmp_path, monkeypatch):
+def test_a_row_measured_beside_other_processes_is_marked_busy(tmp_path, monkeypatch):
+    """Busy means other processes' CPU time during the benchmark (the machine's busy time minus this process's and
+    its reaped children's), not the load average, which counts the benchmark's own threads too."""
+    import subprocess
+    import time
+
     fake = types.ModuleType("loragen.bench.fake")
-    fake.run = lambda: [{"name": "fake", "metric": "items/s", "loragen": 1.0, "reference": 1.0, "ratio": 1.0}]
+    fake.run = lambda: (time.sleep(1.5), [{"name": "fake", "metric": "items/s", "loragen": 1.0, "reference": 1.0,
+                                           "ratio": 1.0}])[1]
     monkeypatch.setitem(sys.modules, "loragen.bench.fake", fake)
     monkeypatch.setattr(bench, "benchmarks", lambda: ["fake"])
-    loads = iter([[5.0, 4.0, 3.0], [0.5, 0.5, 0.5]])  # 5 on a 2-core machine before the run
-    monkeypatch.setattr(bench.os, "getloadavg", lambda: tuple(next(loads)))
-    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
-    bench.main([], out=tmp_path)
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 4: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])  # another process keeps one core busy meanwhile
+    try:
+        bench.main([], out=tmp_path)
+    finally:
+        spinner.kill()
+        spinner.wait()
     [row] = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert row["load_before"] == [5.0, 4.0, 3.0] and "BUSY" in row["notes"]
+    assert row["others_cores"] > 0.5 and "BUSY: other processes used" in row["notes"]
+    assert bench.others_cores((10.0, 1.0), (13.0, 2.0), 2.0) == 1.0  # 3 s busy, 1 s ours, over 2 s
+    assert bench.others_cores((10.0, 1.0), (10.5, 2.0), 2.0) == 0.0  # never negative (clock granularity)
     assert not bench.busy([1.5, 1, 1], [1.9, 1, 1], 2)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
