@@ -113,11 +113,15 @@ def _prefaulted(tokens: torch.Tensor) -> Iterator[Callable[[int], None]]:
     stop = threading.Event()
 
     def touch():
-        for i in range(n):
-            if stop.is_set():
-                return
-            tokens[i].view(-1)[::PAGE_FLOATS].zero_()
-            done[i].set()
+        try:
+            for i in range(n):
+                if stop.is_set():
+                    return
+                tokens[i].view(-1)[::PAGE_FLOATS].zero_()
+                done[i].set()
+        finally:  # whatever happened here, the encoder never waits for it (it faults its pages in itself)
+            for event in done:
+                event.set()
 
     thread = threading.Thread(target=touch, name="tokenize-prefault", daemon=True)
     thread.start()
