@@ -8,6 +8,7 @@ draws from its own torch.Generator), so they are the same bytes on every machine
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -85,5 +86,10 @@ def test_a_failing_prefault_thread_never_blocks_the_encoder(tmp_path, monkeypatc
     expected = tokenize_checkpoints(trajectory(tmp_path / "a", "float32"), modules=MODULES).tokens
     monkeypatch.setattr(token_set, "PAGE_FLOATS", 0)  # slicing with step 0 raises ValueError inside the thread
     monkeypatch.setattr(token_set.os, "cpu_count", lambda: 2)
-    got = tokenize_checkpoints(trajectory(tmp_path / "b", "float32"), modules=MODULES).tokens
-    assert torch.equal(got, expected)
+    src, got = trajectory(tmp_path / "b", "float32"), {}
+    worker = threading.Thread(target=lambda: got.update(tokens=tokenize_checkpoints(src, modules=MODULES).tokens),
+                              daemon=True)
+    worker.start()
+    worker.join(120)  # a blocked encoder fails here instead of hanging the suite
+    assert not worker.is_alive(), "the encoder waited for a dead page-touching thread"
+    assert torch.equal(got["tokens"], expected)
