@@ -12,7 +12,7 @@ GROUPS = ["model", "dataset", "hardware", "stage", "tracker", "experiment"]
 # Keys the code reads, per config group.
 REQUIRED = {
     "model": ["name", "kind", "source", "linear_modules"],
-    "hardware": ["name", "device", "precision", "num_processes", "per_device_batch", "eval_batch_size"],
+    "hardware": ["name", "device", "precision", "cpu_linear", "num_processes", "per_device_batch", "eval_batch_size"],
     "tracker": ["name"],
     "stage": ["name"],
 }

@@ -184,6 +184,7 @@ class HardwareSchema:
     name: str = MISSING
     device: str = MISSING
     precision: str = MISSING
+    cpu_linear: str = MISSING
     num_processes: int = MISSING
     per_device_batch: int = MISSING
     eval_batch_size: int = MISSING

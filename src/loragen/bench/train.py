@@ -4,7 +4,8 @@ Causal (tiny_qwen2, SFT on ARC-Easy, batch 8): tokens/s, both sides with loragen
 Encoder (MiniLM, choice cross-entropy, batch 16 as in make demo's LoRAs): samples/s; the reference is Trainer +
 PEFT with the objective written straightforwardly (questions and choices each embedded as one padded batch:
 `padded`), loragen its loop and objective (texts in groups of similar length); a second row gives Trainer
-loragen's objective too (the loops alone). fp32 on CPU; wall time of the training call only (model loading
+loragen's objective and linear layers too (the loops alone). loragen computes its linear layers as stage=lora
+does with hardware=cpu (`hardware.cpu_linear`, oneDNN), the Trainer reference with torch's own. fp32 on CPU; wall time of the training call only (model loading
 excluded). The sides run alternately REPEATS times and each side's median counts, since the load of a shared
 machine drifts. Also: trajectory-checkpoint save time as a fraction of step time
 at ckpt.every=1 (target < 10%), as the stage saves (lora.snapshot + the checkpointer's background
@@ -50,9 +51,15 @@ def padded(tokenizer, texts: list[str], max_length: int):
 
 
 
-def _setup(kind: str, encode=None):
+def cpu_linear() -> str:
+    """What stage=lora with hardware=cpu computes its linear layers with (models.cpu_linear)."""
+    return str(OmegaConf.load(CONF / "hardware" / "cpu.yaml").cpu_linear)
+
+
+def _setup(kind: str, encode=None, backend: str | None = None):
+    """Model with LoRA and objective; linears by `backend` (default: hardware=cpu's, as stage=lora runs)."""
     name, targets, _, _ = SETUPS[kind]
-    lm = load_model(OmegaConf.load(CONF / "model" / f"{name}.yaml"), _paths())
+    lm = load_model(OmegaConf.load(CONF / "model" / f"{name}.yaml"), _paths(), "fp32", "cpu", backend or cpu_linear())
     model = attach_lora(lm.model, r=8, alpha=16, dropout=0.0, target_modules=targets, init_seed=0)
     if encode is not None:
         obj = encoder_choice_ce(lm.tokenizer, max_length=256, temperature=0.05, encode=encode)
@@ -122,10 +129,11 @@ def loragen_run(kind: str, records, tmp: Path, every: int = 0) -> tuple[float, T
     return time.perf_counter() - t0, ckpt
 
 
-def trainer_run(kind: str, records, tmp: Path, encode=None) -> float:
+def trainer_run(kind: str, records, tmp: Path, encode=None, backend: str = "torch") -> float:
+    """Trainer + PEFT; by default on torch's own linear layers, as a Trainer user runs it."""
     from transformers import Trainer, TrainingArguments
 
-    model, obj = _setup(kind, encode)
+    model, obj = _setup(kind, encode, backend)
 
     class ObjectiveTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -163,10 +171,11 @@ def run() -> list[dict]:
                 ours.append(loragen_run(kind, records, tmp / f"{kind}-ours{r}")[0])
                 ref.append(trainer_run(kind, records, tmp / f"{kind}-ref{r}", padded if kind == "encoder" else None))
                 if kind == "encoder":
-                    loop_ref.append(trainer_run(kind, records, tmp / f"{kind}-loop{r}"))
+                    loop_ref.append(trainer_run(kind, records, tmp / f"{kind}-loop{r}", backend=cpu_linear()))
             ours_s, ref_s = statistics.median(ours), statistics.median(ref)
             what = ("Trainer + PEFT, the objective straightforwardly (each of questions and choices one padded batch)"
                     if kind == "encoder" else "Trainer + PEFT, same objective and collate")
+            what += f"; linear layers: loragen {cpu_linear()} (hardware.cpu_linear), Trainer torch's own"
             rows.append({"name": f"train_{kind}", "metric": f"{metric} ({name}, {STEPS} steps of batch {batch}, fp32 CPU)",
                          "loragen": work / ours_s, "reference": work / ref_s, "ratio": ref_s / ours_s,
                          "target": ">= 1.2" if kind == "encoder" else ">= 1.0",
@@ -176,8 +185,9 @@ def run() -> list[dict]:
                 loop_s = statistics.median(loop_ref)
                 rows.append({"name": f"train_{kind}_loop", "metric": f"{metric} ({name}): the loops alone",
                              "loragen": work / ours_s, "reference": work / loop_s, "ratio": loop_s / ours_s,
-                             "target": ">= 1.0", "notes": f"reference: Trainer + PEFT with loragen's objective and "
-                                                          f"collate (s: {_spread(loop_ref)})"})
+                             "target": ">= 1.0", "notes": f"reference: Trainer + PEFT with loragen's objective, "
+                                                          f"collate and linear layers ({cpu_linear()}) "
+                                                          f"(s: {_spread(loop_ref)})"})
             saves, steps, writes = [], [], []
             for r in range(REPEATS):
                 total, ckpt = loragen_run(kind, records, tmp / f"{kind}-ckpt{r}", every=1)

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from loragen.errors import ConfigError
+from loragen.models.cpu_linear import route_linears
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ def torch_dtype(precision: str) -> torch.dtype:
     return DTYPES[precision]
 
 
-def load_model(model_cfg: DictConfig, paths: DictConfig, precision: str = "fp32", device: str | torch.device = "cpu") -> LoadedModel:
-    """Load the base model and its tokenizer, in eval mode, on `device`, in the dtype of `precision`."""
+def load_model(model_cfg: DictConfig, paths: DictConfig, precision: str = "fp32", device: str | torch.device = "cpu",
+               cpu_linear: str = "torch") -> LoadedModel:
+    """Load the base model and its tokenizer, in eval mode, on `device`, in the dtype of `precision`, its float32
+    linear layers computed on the CPU by `cpu_linear` (hardware.cpu_linear: models.cpu_linear)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -82,6 +85,7 @@ def load_model(model_cfg: DictConfig, paths: DictConfig, precision: str = "fp32"
         tokenizer.pad_token = tokenizer.eos_token
     check_linear_modules(model, model_cfg)
     model.to(device).eval()
+    route_linears(model, cpu_linear)
     return LoadedModel(model_cfg.name, model_cfg.kind, path, model, tokenizer)
 
 

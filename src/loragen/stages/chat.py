@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> dict:
     settings = GenerationSettings.from_cfg(c.generation, seed=cfg.seed)
     prompts = read_prompt_file(c.prompts) if c.prompts else None  # bad files fail before the model loads
     accelerator = make_accelerator(cfg)
-    lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device)
+    lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device, cfg.hardware.cpu_linear)
     if lm.kind not in ("causal", "seq2seq"):
         raise ConfigError(f"stage=chat needs a causal or seq2seq LM; model {lm.name} is an {lm.kind}")
     model = lm.model

@@ -143,8 +143,18 @@ VALIDATORS: dict[str, Callable[[DictConfig], None]] = {
 }
 
 
+def check_hardware(hw: DictConfig) -> None:
+    from loragen.models.cpu_linear import BACKENDS
+    from loragen.models.registry import DTYPES
+
+    _need(hw.precision in DTYPES, "hardware.precision", hw.precision, f"one of {sorted(DTYPES)}")
+    _need(hw.cpu_linear in BACKENDS, "hardware.cpu_linear", hw.cpu_linear, f"one of {list(BACKENDS)}")
+
+
 def validate(cfg: DictConfig) -> None:
-    """The stage's checks (no-op for stages without any)."""
+    """The hardware's and the stage's checks (no-op for stages without any)."""
+    if "hardware" in cfg:
+        check_hardware(cfg.hardware)
     check = VALIDATORS.get(str(cfg.stage.name))
     if check is not None:
         check(cfg)

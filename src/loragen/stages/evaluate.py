@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
     splits = load_eval_splits(cfg)
     check_text_splits(cfg, splits)
     generation = GenerationSettings.from_cfg(cfg.eval.generation, seed=cfg.seed)
-    lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device)
+    lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device, cfg.hardware.cpu_linear)
     if cfg.eval.method == "generate" and lm.kind not in GENERATIVE:
         raise ConfigError(f"eval.method=generate needs a causal or seq2seq LM; model {lm.name} is an {lm.kind}")
     if cfg.eval.apply_chat_template:

@@ -93,7 +93,7 @@ def run(cfg: DictConfig) -> dict:
     if objective != "reconstruction":
         for t in tasks:
             t.records = task_split(cfg, t.name, str(dataset_spec(cfg, t.name).train_split)).records
-        lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, acc.device)
+        lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, acc.device, cfg.hardware.cpu_linear)
         flora = FunctionalLoRA(lm, layout, task_objective(lm, g.task, tasks[0].records), init_seed=int(g.init_seed))
     base = None
     if gen_cfg["residual"]:

@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict:
     record_type = record_type_of(train_split.records)
     generation = GenerationSettings.from_cfg(cfg.lora.generation, seed=cfg.seed)
     held_name = heldout_split(spec)
-    lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device)
+    lm = load_model(cfg.model, cfg.paths, cfg.hardware.precision, accelerator.device, cfg.hardware.cpu_linear)
     if not cfg.lora.base_dropout:
         disable_dropout(lm.model)
     model = attach_lora(lm.model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
