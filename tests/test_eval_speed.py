@@ -101,3 +101,31 @@ def test_longer_than_the_sliding_window_is_not_packed(models):
     requests = REQUESTS[:3] + [("word " * (window + 10), " end")]
     assert not packable(lm.model, items(lm.tokenizer, requests))
     assert packable(lm.model, items(lm.tokenizer, requests[:3]))
+
+
+def test_encoder_cosines_equal_one_text_at_a_time_and_batch_by_token_count(paths, monkeypatch):
+    """The encoder scorer's batches (texts in order of token count) give each request the cosine of its two texts
+    embedded alone, without padding; and a batch pads to at most its own longest text, in increasing lengths."""
+    from omegaconf import OmegaConf
+
+    from loragen.models import load_model, pooling
+    from tests.conftest import CONF
+
+    lm = load_model(OmegaConf.load(CONF / "model" / "minilm.yaml"), paths)
+    requests = [(q, " " + c) for q, c in (
+        ("Which of these is a source of light?", "the sun"), ("Which of these is a source of light?", "rocks"),
+        ("What do plants need to grow? " * 5, "water and light and a long list of other things they need"),
+        ("What do plants need to grow? " * 5, "sand"), ("Is it raining?", "yes"), ("Is it raining?", "no"),
+        ("short", "a much longer continuation than its context, and then some more words"),
+        ("understanding", "a b c d e"))]  # fewer characters, more tokens: the order is by tokens
+    batches = []
+    embed_encoded = pooling.embed_encoded
+    monkeypatch.setattr(scoring, "embed_encoded", lambda m, enc: batches.append(enc["attention_mask"]) or embed_encoded(m, enc))
+    got = scoring.cosines(lm.model, lm.tokenizer, requests, batch_size=3)
+    lengths = [int(n) for mask in batches for n in mask.sum(1)]
+    assert lengths == sorted(lengths) and len(lengths) == len({t for r in requests for t in (r[0], r[1].strip())})
+    assert all(mask.shape[1] == int(mask.sum(1).max()) for mask in batches)
+    for (c, x), score in zip(requests, got, strict=True):
+        with torch.no_grad():
+            one = [pooling.embed(lm.model, lm.tokenizer, [t])[0] for t in (c, x.strip())]
+        assert abs(score - float(one[0] @ one[1])) < 1e-5

@@ -15,7 +15,10 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
 
 
-def embed(model: torch.nn.Module, tokenizer, texts: list[str], max_length: int = 256) -> torch.Tensor:
+EMBED_MAX_LENGTH = 256  # tokens of a text the encoder sees (longer ones are cut)
+
+
+def embed(model: torch.nn.Module, tokenizer, texts: list[str], max_length: int = EMBED_MAX_LENGTH) -> torch.Tensor:
     """[len(texts), C] unit-norm sentence embeddings (differentiable; wrap in no_grad to score)."""
     return embed_encoded(model, encode_texts(tokenizer, texts, max_length))
 
