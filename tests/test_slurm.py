@@ -23,19 +23,28 @@ TINY_LORA = ["stage=lora", "model=tiny_qwen2", "dataset=arc_easy", "lora.train_l
              "lora.final_eval_limit=5", "ckpt.every=0"]
 
 
+def _cluster(command: str, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / "scripts" / "slurm-local.sh"), command], capture_output=True, text=True,
+                          timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
+    """The local cluster; one this session started is stopped after it (its daemons would outlive the tests)."""
     try:
-        proc = subprocess.run([str(ROOT / "scripts" / "slurm-local.sh"), "start"], capture_output=True, text=True,
-                              timeout=900)
+        was_running = _cluster("status", 60).returncode == 0
+        proc = _cluster("start", 900)
         ok, reason = proc.returncode == 0, proc.stderr.strip()[-800:]
     except (OSError, subprocess.TimeoutExpired) as e:
-        ok, reason = False, str(e)
+        was_running, ok, reason = False, False, str(e)
     if not ok:
         message = f"the local SLURM cluster did not start (scripts/slurm-local.sh start): {reason}"
         if os.environ.get("LORAGEN_REQUIRE_SLURM") == "1":
             pytest.fail(message)
         pytest.skip(message)
+    yield
+    if not was_running:
+        _cluster("stop", 120)
 
 
 def _adapter(path: Path) -> dict[str, torch.Tensor]:
