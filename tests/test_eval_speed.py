@@ -120,7 +120,8 @@ def test_encoder_cosines_equal_one_text_at_a_time_and_batch_by_token_count(paths
         ("understanding", "a b c d e"))]  # fewer characters, more tokens: the order is by tokens
     batches = []
     embed_encoded = pooling.embed_encoded
-    monkeypatch.setattr(scoring, "embed_encoded", lambda m, enc: batches.append(enc["attention_mask"]) or embed_encoded(m, enc))
+    monkeypatch.setattr(scoring, "embed_encoded",
+                        lambda m, enc: batches.append(enc["attention_mask"]) or embed_encoded(m, enc))
     got = scoring.cosines(lm.model, lm.tokenizer, requests, batch_size=3)
     lengths = [int(n) for mask in batches for n in mask.sum(1)]
     assert lengths == sorted(lengths) and len(lengths) == len({t for r in requests for t in (r[0], r[1].strip())})

@@ -5,11 +5,11 @@ Encoder (MiniLM, choice cross-entropy, batch 16 as in make demo's LoRAs): sample
 PEFT with the objective written straightforwardly (questions and choices each embedded as one padded batch:
 `padded`), loragen its loop and objective (texts in groups of similar length); a second row gives Trainer
 loragen's objective and linear layers too (the loops alone). loragen computes its linear layers as stage=lora
-does with hardware=cpu (`hardware.cpu_linear`, oneDNN), the Trainer reference with torch's own. fp32 on CPU; wall time of the training call only (model loading
-excluded). The sides run alternately REPEATS times and each side's median counts, since the load of a shared
-machine drifts. Also: trajectory-checkpoint save time as a fraction of step time
-at ckpt.every=1 (target < 10%), as the stage saves (lora.snapshot + the checkpointer's background
-writer): the time the training thread spends in Checkpointer.save and flush, per step.
+does with hardware=cpu (`hardware.cpu_linear`, oneDNN), the Trainer reference with torch's own. fp32 on CPU;
+wall time of the training call only (model loading excluded). The sides run alternately REPEATS times and each
+side's median counts, since the load of a shared machine drifts. Also: trajectory-checkpoint save time as a
+fraction of step time at ckpt.every=1 (target < 10%), as the stage saves (lora.snapshot + the checkpointer's
+background writer): the time the training thread spends in Checkpointer.save and flush, per step.
 """
 
 from __future__ import annotations
