@@ -82,8 +82,9 @@ def route_linears(model: torch.nn.Module, backend: str) -> int:
     target = OneDNNLinear if backend == "onednn" and available() else torch.nn.Linear
     count = 0
     for module in model.modules():
-        wide = min(module.in_features, module.out_features) >= MIN_FEATURES
-        if type(module) in (torch.nn.Linear, OneDNNLinear) and wide:
+        if type(module) not in (torch.nn.Linear, OneDNNLinear):
+            continue
+        if min(module.in_features, module.out_features) >= MIN_FEATURES:
             module.__class__ = target
             count += target is OneDNNLinear
     return count
