@@ -338,14 +338,15 @@ def test_a_step_job_stopped_by_a_signal_is_reported_interrupted(tmp_path, monkey
 
 
 def test_a_signal_to_the_waiting_pipeline_is_passed_on_to_its_step_jobs(handlers):
-    from loragen.pipeline.executors import passed_on
+    from loragen.pipeline.executors import passed_on, terminate
 
     child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
                               "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(43))\nprint('ready', flush=True)\n"
                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
-        with passed_on([_Job("1", process=child)]) as received:
+        job = _Job("1", process=child)
+        with passed_on(lambda: terminate(job), "1") as received:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the job gets SIGTERM and saves; waiting goes on
             assert child.wait(timeout=30) == 43
             with pytest.raises(StopRequested):  # a second one stops waiting at once

@@ -158,6 +158,9 @@ def rate(per_s: float, unit: str = "it") -> str:
     return f"{per_s:.2f} {unit}/s" if per_s >= 1 else f"{1 / per_s:.2f} s/{unit}"
 
 
+PLAIN_PROGRESS = False  # plain lines even on a terminal (pipeline pool workers: their bars would overwrite each other)
+
+
 class ProgressBar:
     """In place on a terminal (tqdm); on a pipe or a SLURM log, one plain line every `every` percent and at least
     every `interval_s` seconds while it moves:
@@ -179,7 +182,7 @@ class ProgressBar:
         self._lr: float | None = None
         self._bar = None
         self._on = is_main()
-        if self._on and sys.stderr.isatty():
+        if self._on and sys.stderr.isatty() and not PLAIN_PROGRESS:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, initial=initial)

@@ -205,6 +205,7 @@ class DataStageSchema(DataSchema):
 class PipelineSchema:
     recipe: Optional[str] = MISSING
     executor: str = MISSING
+    workers: int = MISSING
     dry_run: bool = MISSING
 
 

@@ -247,17 +247,30 @@ class _Run:
         log.info("%s: finished in %s", self.where(step), runtime.duration(clock() - t0, hours=True))
 
     def execute_many(self, execute, todo: list[tuple]) -> None:
-        """A wave's steps as one job array (SLURM, submitit)."""
+        """A wave's steps together: one job array (SLURM, submitit), or a pool of local workers (pipeline.workers),
+        which reports each step as it ends (its own seconds and CPU seconds)."""
         for step, *_ in todo:
             log.info("%s: submitted", self.where(step))
         log.info("steps %s submitted together", ", ".join(t[0].name for t in todo))
         t0, load0 = clock(), load_average()
+        by_name = {t[0].name: t for t in todo}
+
+        def finished(name: str, seconds: float, cpu: float) -> None:
+            step, _, step_dir, digest, content = by_name[name]
+            self.status[name] = _finish(step, step_dir, digest, content, seconds, cpu=cpu if self.cpu else None,
+                                        load=load_record(load0))
+            log.info("%s: finished in %s", self.where(step), runtime.duration(seconds, hours=True))
+
+        items = [(step, cfg, step_dir) for step, cfg, step_dir, *_ in todo]
         try:
             with stop_on_signals():
-                execute.run_many([(step, cfg, step_dir) for step, cfg, step_dir, *_ in todo])
+                if getattr(execute, "reports_each_step", False):
+                    execute.run_many(items, finished=finished)
+                else:
+                    execute.run_many(items)
         except (Interrupted, StopRequested) as e:
             for step, _, step_dir, digest, content in todo:  # record what finished before the stop
-                if all((step_dir / o).exists() for o in step.outputs):
+                if step.name not in self.status and all((step_dir / o).exists() for o in step.outputs):
                     self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0,
                                                      load=load_record(load0))
             stopped = [f"{t[0].name} ({self.position[t[0].name]}/{self.n})" for t in todo if t[0].name not in self.status]
@@ -265,9 +278,11 @@ class _Run:
                 if t[0].name not in self.status:
                     log.warning("%s: interrupted", self.where(t[0]))
             raise _interrupted(", ".join(stopped), e) from None
-        for step, _, step_dir, digest, content in todo:  # together: no step's own CPU seconds
-            self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0, load=load_record(load0))
-            log.info("%s: finished in %s", self.where(step), runtime.duration(clock() - t0, hours=True))
+        for step, _, step_dir, digest, content in todo:  # a job array: no step's own seconds or CPU seconds
+            if step.name not in self.status:
+                self.status[step.name] = _finish(step, step_dir, digest, content, clock() - t0,
+                                                 load=load_record(load0))
+                log.info("%s: finished in %s", self.where(step), runtime.duration(clock() - t0, hours=True))
 
 
 def _order(steps: list[Step]) -> list[Step]:

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -48,20 +48,27 @@ class StepJob:
     def __call__(self, step: Step, cfg: DictConfig, step_dir: str) -> str | dict:
         """The step dir; or {"interrupted": message, "exit_code": 143|130} when SIGTERM/SIGINT stopped the step
         (SIGUSR2 stays submitit's: checkpoint and requeue)."""
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
-                            force=True)
-        from loragen.train.preemption import exit_code
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+        return run_guarded(step, cfg, step_dir)
 
-        try:
-            with stop_on_signals():  # over submitit's SIGTERM handler, which only logs
-                run_in_process(step, cfg, Path(step_dir))
-        except Interrupted as e:
-            log.warning("step %s: %s", step.name, e)
-            return {INTERRUPTED: str(e), "exit_code": e.exit_code}
-        except StopRequested as e:
-            log.warning("step %s: %s", step.name, stopped_message(e.signum))
-            return {INTERRUPTED: stopped_message(e.signum), "exit_code": exit_code(e.signum)}
-        return step_dir
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def run_guarded(step: Step, cfg: DictConfig, step_dir: str) -> str | dict:
+    """Run the step in this process (a job's or a pool worker's): the step dir, or the "interrupted" result."""
+    from loragen.train.preemption import exit_code
+
+    try:
+        with stop_on_signals():  # over submitit's SIGTERM handler, which only logs
+            run_in_process(step, cfg, Path(step_dir))
+    except Interrupted as e:
+        log.warning("step %s: %s", step.name, e)
+        return {INTERRUPTED: str(e), "exit_code": e.exit_code}
+    except StopRequested as e:
+        log.warning("step %s: %s", step.name, stopped_message(e.signum))
+        return {INTERRUPTED: stopped_message(e.signum), "exit_code": exit_code(e.signum)}
+    return step_dir
 
     def checkpoint(self, *args: Any) -> Any:
         """On preemption/timeout: requeue the same step; training resumes from <step dir>/state."""
@@ -88,7 +95,8 @@ class SubmititExecutor:
         submitted = jobs.submit(executor, StepJob(), steps, cfgs, dirs)
         for (step, _, _), job in zip(items, submitted):
             log.info("step %-28s submitted as %s job %s", step.name, self.cluster, job.job_id)
-        with passed_on(submitted) as received:
+        with passed_on(lambda: [terminate(job) for job in submitted],
+                       ", ".join(str(j.job_id) for j in submitted)) as received:
             outcomes = jobs.wait(submitted)
         stopped = {s.name: o.result for s, o in zip(steps, outcomes)
                    if o.status == "completed" and isinstance(o.result, dict) and INTERRUPTED in o.result}
@@ -127,9 +135,9 @@ class SubmititExecutor:
 
 
 @contextlib.contextmanager
-def passed_on(submitted: Sequence) -> Iterator[list[int]]:
-    """While waiting for step jobs (main thread only): the first SIGTERM/SIGINT is passed on to them as SIGTERM
-    (a training step saves its state and stops) and waiting goes on; a second one stops waiting at once
+def passed_on(stop: Callable[[], Any], jobs_named: str) -> Iterator[list[int]]:
+    """While waiting for step jobs (main thread only): the first SIGTERM/SIGINT calls `stop` (which sends them
+    SIGTERM: a training step saves its state and stops) and waiting goes on; a second one stops waiting at once
     (StopRequested). Yields the list of signals received."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -141,9 +149,8 @@ def passed_on(submitted: Sequence) -> Iterator[list[int]]:
         if len(received) > 1:
             raise StopRequested(signum)
         log.warning("received %s: asking the step jobs %s to save and stop (again to stop waiting at once)",
-                    signal.Signals(signum).name, ", ".join(str(j.job_id) for j in submitted))
-        for job in submitted:
-            terminate(job)
+                    signal.Signals(signum).name, jobs_named)
+        stop()
 
     with handling(STOP_SIGNALS, handler):
         yield received

@@ -128,6 +128,10 @@ def check_pipeline(cfg: DictConfig) -> None:
     p = cfg.pipeline
     _need(p.recipe in RECIPES, "pipeline.recipe", p.recipe, f"one of {sorted(RECIPES)} (set by experiment=...)")
     _need(p.executor in EXECUTORS, "pipeline.executor", p.executor, f"one of {sorted(EXECUTORS)}")
+    _need(p.workers >= 1, "pipeline.workers", p.workers, ">= 1")
+    _need(p.workers == 1 or p.executor == "local", "pipeline.workers", p.workers,
+          f"1 with pipeline.executor={p.executor} (worker processes are the local executor's; submitit and SLURM "
+          "run a wave's steps as one job array)")
     if p.recipe == "dnd":
         d = p.dnd
         _need(d.num_generated >= 1, "pipeline.dnd.num_generated", d.num_generated, ">= 1")

@@ -10,9 +10,11 @@ share of it (engine.profile); the report's "Profile by step" has every step's se
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _io
 import logging
+from typing import Iterator
 
 from omegaconf import DictConfig
 
@@ -40,8 +42,9 @@ def run(cfg: DictConfig) -> dict:
         print(describe(steps))
         return {"steps": {s.name: {"overrides": s.overrides, "deps": s.deps} for s in steps}}
 
-    status = engine.run_steps(steps, root, engine.shared_overrides(cfg), execute,
-                              cpu=cfg.pipeline.executor != "slurm")
+    with _workers(cfg, execute, root) as execute:
+        status = engine.run_steps(steps, root, engine.shared_overrides(cfg), execute,
+                                  cpu=cfg.pipeline.executor != "slurm")
 
     rows = recipe.table(cfg, root)
     if runtime.is_main():
@@ -59,6 +62,18 @@ def run(cfg: DictConfig) -> dict:
         log.info("pipeline table in %s", root / rundir.TABLE_MD)
         log.info("%s", engine.profile(status, engine.clock() - t0))  # on the console and in loragen.log
     return {"rows": rows, "steps": status}
+
+
+@contextlib.contextmanager
+def _workers(cfg: DictConfig, execute, root) -> Iterator:
+    """The executor, as a pool of local worker processes when pipeline.workers > 1 (pipeline.pool)."""
+    if cfg.pipeline.executor != "local" or cfg.pipeline.workers <= 1:
+        yield execute
+        return
+    from loragen.pipeline.pool import LocalPool
+
+    with LocalPool(cfg.pipeline.workers, log_file=root / rundir.LOG) as pool:
+        yield pool
 
 
 def describe(steps: list[engine.Step]) -> str:
