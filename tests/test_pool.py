@@ -78,3 +78,47 @@ def test_workers_is_checked_before_anything_runs(overrides, match):
         cfg = compose(config_name="config", overrides=["experiment=dnd_minilm", *overrides])
     with pytest.raises(ConfigError, match=match):
         validate(cfg)
+
+
+def test_sigterm_to_the_pipeline_stops_its_worker_steps_which_save_and_the_rerun_finishes(tmp_path):
+    """The pipeline passes the signal on: a LoRA step in a worker saves its state, the pipeline exits 143 with one
+    line naming it, and the same command again resumes it and finishes every step."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, run_cli
+
+    lora = '["train.max_steps=60","ckpt.every=0","lora.eval_limit=10","lora.final_eval_limit=8","lora.eval_base=false"]'
+    args = ["experiment=paw_tiny", "tracker=none", "pipeline.workers=2", f"hydra.run.dir={tmp_path}",
+            f"pipeline.paw.lora_overrides={lora}"]
+    proc = subprocess.Popen([sys.executable, "-m", "loragen", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if re.search(r"\[lora_\w+/\w+\]\[loragen.runtime\].* train: \d+/60 \(", line):  # a worker trains
+                children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+                for pid in [proc.pid, *map(int, children)]:  # pause all, so the signal lands mid-training
+                    os.kill(pid, signal.SIGSTOP)
+                os.kill(proc.pid, signal.SIGTERM)
+                for pid in [*map(int, children), proc.pid]:
+                    os.kill(pid, signal.SIGCONT)
+                break
+        rest, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    (line,) = [ln for ln in err.splitlines() if "interrupted" in ln]
+    names = re.findall(r"(lora_(?:source|target)/\w+) interrupted at step (\d+) of 60 \(SIGTERM\)", line)
+    assert names, line
+    for name, step in names:  # each stopped LoRA saved the step it reached and has no finished record
+        assert json.loads((tmp_path / name / "state" / "trainer.json").read_text())["step"] == int(step)
+        assert not (tmp_path / name / "fingerprint.json").exists()
+    again = run_cli(args)
+    for name, step in names:
+        assert f"resuming from {tmp_path / name / 'state'} at step {step} of 60" in again.stdout
+    assert json.loads((tmp_path / "table.json").read_text())["rows"]

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import resource
 import signal
+import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -168,7 +169,7 @@ def _init_worker(threads: int, log_file: Path | None) -> None:
     runtime.PLAIN_PROGRESS = True
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]  # where the pipeline's console log goes
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))
     for handler in handlers:
