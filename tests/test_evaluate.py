@@ -209,3 +209,25 @@ def test_empty_continuation_is_a_clear_error(paths):
     rec = MCRecord("e", ("Question: x?\nAnswer:",), (" yes", ""), ("yes", ""), 0, "q")
     with pytest.raises(DataError, match=r"continuation '' tokenizes to nothing after context .*Answer:'; every choice"):
         evaluate_records(lm.model, lm.tokenizer, "causal", [rec], batch_size=4)
+
+
+def test_an_adapter_listed_twice_is_scored_once_with_the_scores_it_gets_alone(tmp_path, paths):
+    import shutil
+
+    a1 = random_adapter(paths, "tiny_qwen2", tmp_path / "a1", seed=1)
+    shutil.copytree(a1, tmp_path / "copy")  # e.g. the nearest-prompt baseline: a training dataset's LoRA itself
+    a2 = random_adapter(paths, "tiny_qwen2", tmp_path / "a2", seed=2)
+    common = ["stage=evaluate", "model=tiny_qwen2", "dataset=arc_challenge", "eval.limit=20", "eval.include_base=false"]
+    proc = run_cli(common + [f"eval.adapters={{a1:{a1},copy:{tmp_path / 'copy'},a2:{a2}}}",
+                             f"hydra.run.dir={tmp_path / 'all'}"])
+    assert "copy: the same adapter (config and weights) as a1; its scores are reused" in proc.stdout + proc.stderr
+    run_cli(common + [f"eval.adapters={{copy:{tmp_path / 'copy'}}}", f"hydra.run.dir={tmp_path / 'alone'}"])
+
+    def scores(run, label):
+        rows = [json.loads(x) for x in (tmp_path / run / "samples.jsonl").read_text().splitlines()]
+        return [(r["id"], r["scores"]) for r in rows if r["label"] == label]
+
+    entries = {e["label"]: e for e in json.loads((tmp_path / "all" / "results.json").read_text())["results"]}
+    assert entries["copy"]["same_as"] == "a1" and "same_as" not in entries["a2"]
+    assert len(scores("all", "copy")) == 20 and scores("all", "copy") == scores("alone", "copy")
+    assert scores("all", "a2") != scores("all", "a1")  # different weights: scored on their own

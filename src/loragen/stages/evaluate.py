@@ -8,10 +8,13 @@ results.csv and results.md.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from loragen import io, rundir, runtime
@@ -22,7 +25,7 @@ from loragen.evaluation import EvalOutcome, GenerationSettings, TextEvalOutcome,
 from loragen.evaluation.adapters import AdapterSwitcher, check_adapter
 from loragen.evaluation.prompting import with_chat_template, with_fewshot
 from loragen.evaluation.results import result_entry, sample_rows, write_results
-from loragen.lora.adapter_io import is_adapter_dir, not_an_adapter
+from loragen.lora.adapter_io import is_adapter_dir, not_an_adapter, read_adapter
 from loragen.models import load_model
 from loragen.provenance import provenance
 from loragen.train_env import make_accelerator
@@ -65,11 +68,22 @@ def run(cfg: DictConfig) -> dict:
     # loop
     switcher = AdapterSwitcher(lm.model)
     entries, samples = [], []
+    scored: dict[str | None, tuple[str, list]] = {}  # adapter digest -> (first label, its outcome per split)
     for label, path in runs:
-        model = switcher.use(path)
-        for split in splits:
-            outcome = evaluate_split(cfg, model, lm, split, generation, accelerator, desc=f"{label} {split.dataset}")
-            entries.append({**result_entry(label, path, lm.name, lm.path, split, outcome), "role": role_of(label, path)})
+        key = adapter_digest(path) if path else None
+        same = scored.get(key)
+        if same is not None:
+            log.info("%s: the same adapter (config and weights) as %s; its scores are reused", label, same[0])
+        else:
+            model = switcher.use(path)
+            outcomes = [evaluate_split(cfg, model, lm, split, generation, accelerator, desc=f"{label} {split.dataset}")
+                        for split in splits]
+            scored[key] = (label, outcomes)
+        for split, outcome in zip(splits, scored[key][1], strict=True):
+            entry = {**result_entry(label, path, lm.name, lm.path, split, outcome), "role": role_of(label, path)}
+            if same is not None:
+                entry["same_as"] = same[0]
+            entries.append(entry)
             samples += sample_rows(label, split.dataset, outcome)
             log_outcome(label, split.dataset, outcome)
 
@@ -83,6 +97,21 @@ def run(cfg: DictConfig) -> dict:
         print((out / rundir.RESULTS_MD).read_text())
         log.info("results in %s", out / rundir.RESULTS)
     return result
+
+
+def adapter_digest(path: str) -> str:
+    """sha256 of an adapter's config and tensors: two labels with one digest score the same (the nearest-prompt
+    baseline is a training dataset's LoRA, evaluated beside it)."""
+    try:
+        adapter = read_adapter(path, check_finite=False)
+    except CheckpointError:  # scoring it reports what is wrong with it
+        return f"unreadable:{path}"
+    h = hashlib.sha256(json.dumps(adapter.config, sort_keys=True, default=str).encode())
+    for name in sorted(adapter.tensors):
+        t = adapter.tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def evaluate_split(cfg: DictConfig, model, lm, split: LoadedSplit, generation: GenerationSettings, accelerator,
