@@ -59,3 +59,30 @@ def test_too_few_prompts_sample_with_replacement_or_refuse():
     assert len(idx) == 3 and all(len(i) == 5 and set(i.tolist()) <= {0, 1} for i in idx)
     with pytest.raises(ConfigError, match="my prompts has 2 prompts but the generator takes 5"):
         prompt_batches(2, 5, count=1, seed=0, strict=True, what="my prompts")
+
+
+def test_a_baseline_lora_is_the_trained_checkpoint_itself_while_its_file_holds_the_tokenized_tensors(tmp_path, caplog):
+    import shutil
+
+    from loragen.bench.tokenize import MODULES, random_qwen_adapter
+    from loragen.lora.adapter_io import read_adapter, write_adapter
+    from loragen.lora.tokenize import detokenize, tokenize_checkpoints
+    from loragen.stages.generator import final_lora
+
+    for i in range(3):
+        write_adapter(tmp_path / f"step-{i + 1:06d}", random_qwen_adapter(i, layers=1))
+    ts = tokenize_checkpoints(tmp_path, modules=MODULES)
+    task = Task("arc_easy", ts, [], torch.zeros(0, 1, 1), "train", str(tmp_path))
+    last = read_adapter(tmp_path / "step-000003")
+    detok = detokenize(ts.tokens[-1], ts.layout)
+    assert any(not torch.equal(detok.tensors[k], last.tensors[k]) for k in last.tensors)  # rounding: not the same
+    got = final_lora(task, ts.layout)
+    assert all(torch.equal(got.tensors[k], last.tensors[k]) for k in last.tensors)  # the file, bit for bit
+    shutil.rmtree(tmp_path / "step-000003")
+    write_adapter(tmp_path / "step-000003", random_qwen_adapter(7, layers=1))  # rerun elsewhere: another LoRA there
+    got = final_lora(task, ts.layout)
+    assert all(torch.equal(got.tensors[k], detok.tensors[k]) for k in detok.tensors)
+    assert "no longer holds the tensors of its token set" in caplog.text
+    shutil.rmtree(tmp_path / "step-000003")  # gone: its tokens detokenized
+    got = final_lora(task, ts.layout)
+    assert all(torch.equal(got.tensors[k], detok.tensors[k]) for k in detok.tensors)

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from loragen import io, rundir, runtime
-from loragen.errors import ConfigError
+from loragen.errors import CheckpointError, ConfigError
 from loragen.generator import baselines as bl
 from loragen.generator.checkpoint import generator_config, save_generator
 from loragen.generator.prompts import DESCRIPTION, dataset_prompts, dataset_spec, descriptions, task_split
@@ -44,7 +44,7 @@ from loragen.generator.tasks import (
     prompt_batches,
     token_dir_of,
 )
-from loragen.lora.adapter_io import write_adapter
+from loragen.lora.adapter_io import Adapter, is_adapter_dir, read_adapter, write_adapter
 from loragen.lora.tokenize import Layout, TokenSet, detokenize, load_token_set
 from loragen.models import load_model
 from loragen.models.hyperconv import HyperConvDecoder
@@ -272,19 +272,42 @@ def reconstruction(model: torch.nn.Module, eval_batches: dict, mask: torch.Tenso
     return metrics
 
 
+def final_lora(task: Task, layout: Layout) -> Adapter:
+    """The task's trained LoRA: its last checkpoint as written by the lora stage when that file is still there and
+    holds the tokenized tensors (so the nearest-prompt baseline is that LoRA itself, bit for bit, and evaluate scores
+    it once); else its tokens detokenized (equal to float32 rounding)."""
+    tokenized = detokenize(task.final_tokens(), layout)
+    source = task.tokens.sources[-1] if task.tokens.sources else None
+    if not source or not is_adapter_dir(source):
+        return tokenized
+    try:
+        adapter = read_adapter(source)
+    except CheckpointError as e:
+        log.warning("task %s: cannot read its last checkpoint (%s); using its detokenized tokens", task.name, e)
+        return tokenized
+    if adapter.tensors.keys() == tokenized.tensors.keys() and all(
+            v.shape == tokenized.tensors[k].shape and torch.allclose(
+                v.float(), tokenized.tensors[k].float(), rtol=1e-4, atol=1e-4 * float(v.float().abs().max()))
+            for k, v in adapter.tensors.items()):
+        return adapter
+    log.warning("task %s: its last checkpoint %s no longer holds the tensors of its token set; using its detokenized "
+                "tokens", task.name, source)
+    return tokenized
+
+
 def compare_with_baselines(model: torch.nn.Module, held: Task, tasks: list[Task], batch: dict, out: Path,
                            layout: Layout) -> dict:
     """Write the generated adapters and the baselines as PEFT dirs; their errors against the held-out LoRA.
 
     The baselines need LoRA trajectories: the oracle the held-out task's, average / nearest / mean checkpoint
     every training task's; without them (the task objective on sub-tasks) only the generated adapters are written."""
-    oracle = detokenize(held.final_tokens(), layout) if held.tokens is not None else None
+    oracle = final_lora(held, layout) if held.tokens is not None else None
     candidates: dict[str, Any] = {}
     nearest, cosines = None, {}
     if oracle is not None:
         candidates["oracle"] = oracle
     if all(t.tokens is not None for t in tasks):
-        finals = {t.name: detokenize(t.final_tokens(), layout) for t in tasks}
+        finals = {t.name: final_lora(t, layout) for t in tasks}
         nearest, cosines = bl.nearest_by_prompts(held.prompt_embedding(),
                                                  {t.name: t.prompt_embedding() for t in tasks})
         candidates.update(average=bl.weight_average(list(finals.values())), nearest=finals[nearest],
