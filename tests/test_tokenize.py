@@ -358,3 +358,190 @@ def test_seq2seq_t5_round_trip_loads_in_peft_with_same_logits(paths, tmp_path):
             assert torch.allclose(loaded(input_ids=ids, decoder_input_ids=dec).logits, expected, atol=1e-5), scheme
     base = load_model(model_cfg("tiny_t5"), paths).model
     assert not torch.allclose(base(input_ids=ids, decoder_input_ids=dec).logits, expected, atol=1e-3)
+
+
+# ---- grouped reading (StackedReader) and batched encoding ----------------------------------------------------
+
+def write_trajectory(root: Path, n: int, edit=None) -> list[Path]:
+    """n one-layer Qwen2.5-0.5B-shaped checkpoints step-1..n; edit(i, tensors) may change checkpoint i's tensors."""
+    paths = []
+    for i in range(n):
+        ad = random_qwen_adapter(20 + i, layers=1)
+        if edit:
+            edit(i, ad.tensors)
+        paths.append(write_adapter(root / f"step-{i + 1}", ad))
+    return paths
+
+
+def per_checkpoint(paths: list[Path], **kw):
+    """The reference: each checkpoint read by safetensors' load_file and encoded on its own (tokenize_adapters)."""
+    return tokenize_adapters([read_adapter(p) for p in paths], modules=MODULES, **kw)
+
+
+@pytest.fixture
+def small_groups(monkeypatch):
+    """Groups of 3 checkpoints, and a record of what every StackedReader.read returned."""
+    from loragen.lora.adapter_io import StackedReader
+    from loragen.lora.tokenize import token_set
+
+    monkeypatch.setattr(token_set, "GROUP_CHECKPOINTS", 3)
+    reads: list[tuple[list[str], bool]] = []
+    read = StackedReader.read
+
+    def spy(self, files):
+        out = read(self, files)
+        reads.append(([Path(f).parent.name for f in files], out is not None))
+        return out
+    monkeypatch.setattr(StackedReader, "read", spy)
+    return reads
+
+
+def assert_same_token_sets(got, expected):
+    for field in ("tokens", "token_std", "chunk_mean", "chunk_std"):
+        a, b = getattr(got, field), getattr(expected, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+    assert got.layout.to_dict() == expected.layout.to_dict()  # flat: the normalisation statistics too
+
+
+@pytest.mark.parametrize("chunk", [None, 100])  # 100: padded chunks (var_mean of the real cells, one by one)
+def test_grouped_reading_equals_per_checkpoint_encoding(tmp_path, small_groups, chunk):
+    paths = write_trajectory(tmp_path, 10)
+    ts = tokenize_checkpoints(tmp_path, modules=MODULES, chunk=chunk)
+    assert small_groups == [(["step-1", "step-2", "step-3"], True), (["step-4", "step-5", "step-6"], True),
+                            (["step-7", "step-8", "step-9"], True), (["step-10"], True)]
+    assert_same_token_sets(ts, per_checkpoint(paths, chunk=chunk))
+
+
+def test_a_checkpoint_with_another_header_is_read_on_its_own(tmp_path, small_groups):
+    """step-4's safetensors metadata differs (same file size, other header bytes): its group falls back to
+    read_adapter, one checkpoint at a time; the tokens are the same."""
+    from safetensors.torch import save_file
+
+    paths = write_trajectory(tmp_path, 6)
+    f = paths[3] / "adapter_model.safetensors"
+    size = f.stat().st_size
+    save_file(read_adapter(paths[3]).tensors, str(f), metadata={"format": "tp"})
+    other = (paths[2] / "adapter_model.safetensors").read_bytes()
+    assert f.stat().st_size == size and f.read_bytes()[:200] != other[:200]
+    ts = tokenize_checkpoints(tmp_path, modules=MODULES)
+    assert small_groups == [(["step-1", "step-2", "step-3"], True), (["step-4", "step-5", "step-6"], False)]
+    assert_same_token_sets(ts, per_checkpoint(paths))
+
+
+def test_a_checkpoint_of_another_size_is_read_on_its_own(tmp_path, small_groups):
+    from safetensors.torch import save_file
+
+    paths = write_trajectory(tmp_path, 5)
+    save_file(read_adapter(paths[2]).tensors, str(paths[2] / "adapter_model.safetensors"),
+              metadata={"format": "pt", "note": "longer metadata"})
+    ts = tokenize_checkpoints(tmp_path, modules=MODULES, scheme="flat")
+    assert small_groups == [(["step-1", "step-2", "step-3"], False), (["step-4", "step-5"], True)]
+    assert_same_token_sets(ts, per_checkpoint(paths, scheme="flat"))
+
+
+def test_stacked_reader_views_are_the_files_tensors(tmp_path):
+    from loragen.lora.adapter_io import StackedReader
+
+    paths = write_trajectory(tmp_path, 3, edit=lambda i, t: t.update(
+        {k: v.to(torch.bfloat16) for k, v in t.items() if "lora_B" in k}))
+    reader = StackedReader()
+    views = reader.read([p / "adapter_model.safetensors" for p in paths])
+    assert views is not None
+    for i, p in enumerate(paths):
+        ref = load_file(str(p / "adapter_model.safetensors"))
+        assert views.keys() == ref.keys()
+        for k, v in ref.items():
+            assert views[k][i].dtype == v.dtype and torch.equal(views[k][i], v), k
+    assert reader.read([paths[0] / "adapter_model.safetensors", tmp_path / "nope"]) is None
+
+
+def corrupt_header(f: Path, old: bytes, new: bytes) -> None:
+    """Replace bytes in f's header, keeping its size."""
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert len(old) == len(new) and old in raw[8 : 8 + n]
+    f.write_bytes(raw[:8] + raw[8 : 8 + n].replace(old, new, 1) + raw[8 + n :])
+
+
+@pytest.mark.parametrize("how", ["header length", "json", "entry", "offsets", "shape"])
+def test_stacked_reader_names_a_corrupt_file(tmp_path, how):
+    """The first file's header is the one parsed (the others are compared with it byte for byte)."""
+    from loragen.lora.adapter_io import StackedReader
+
+    paths = write_trajectory(tmp_path, 2)
+    f = paths[0] / "adapter_model.safetensors"
+    raw = f.read_bytes()
+    data_len = len(raw) - 8 - int.from_bytes(raw[:8], "little")
+    if how == "header length":
+        f.write_bytes((len(raw) - 4).to_bytes(8, "little") + raw[8:])
+    elif how == "json":
+        corrupt_header(f, b"{", b"[")
+    elif how == "entry":
+        corrupt_header(f, b'"dtype"', b'"dtypo"')
+    elif how == "offsets":  # the last tensor ends past the data section
+        corrupt_header(f, f",{data_len}]".encode(), f",{data_len + 4}]".encode())
+    else:
+        corrupt_header(f, b'"shape":[8,896]', b'"shape":[8,895]')
+    why = {"header length": "header length", "json": "header is not", "entry": "malformed header entry",
+           "offsets": "outside the", "shape": "does not fill"}[how]
+    with pytest.raises(CheckpointError, match=f"{f}: cannot read safetensors file .*{why}"):
+        StackedReader().read([f, paths[1] / "adapter_model.safetensors"])
+
+
+def test_a_file_truncated_after_the_header_check_is_named(tmp_path, small_groups, monkeypatch):
+    """The headers are checked before any tensor is read, but a file can change in between: the reader names it."""
+    from loragen.lora.tokenize import token_set
+
+    paths = write_trajectory(tmp_path, 9)
+    f = paths[7] / "adapter_model.safetensors"
+    check = token_set.check_consistent
+
+    def check_then_truncate(ckpts):
+        header = check(ckpts)
+        f.write_bytes(f.read_bytes()[:-100])
+        return header
+    monkeypatch.setattr(token_set, "check_consistent", check_then_truncate)
+    with pytest.raises(CheckpointError, match=f"{f}: cannot read safetensors file"):
+        tokenize_checkpoints(tmp_path, modules=MODULES)
+
+
+@pytest.mark.parametrize("scheme", ["dnd", "flat"])
+def test_non_finite_value_in_a_group_names_its_checkpoint(tmp_path, small_groups, scheme):
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+
+    def edit(i, t):
+        if i == 4:  # the second of its group
+            t[key][5, 1] = float("nan")
+    write_trajectory(tmp_path, 6, edit)
+    with pytest.raises(CheckpointError,
+                       match=f"{tmp_path / 'step-5' / 'adapter_model.safetensors'}: tensor {key} has non-finite"):
+        tokenize_checkpoints(tmp_path, modules=MODULES, scheme=scheme)
+    assert small_groups[1] == (["step-4", "step-5", "step-6"], True)
+
+
+def test_encode_dnd_of_k_checkpoints_equals_one_at_a_time():
+    from loragen.lora.tokenize import codec
+
+    ads = [random_qwen_adapter(30 + i, layers=1) for i in range(3)]
+    layout = tokenize_adapters(ads[:1], modules=MODULES, chunk=100).layout
+    one = torch.full((3, *layout.shape), float("nan"))
+    stats = [codec.encode_dnd(a.tensors, layout, one[i]) for i, a in enumerate(ads)]
+    batched = torch.full((3, *layout.shape), float("nan"))
+    stacked = {k: torch.stack([a.tensors[k] for a in ads]) for k in ads[0].tensors}
+    mean, std = codec.encode_dnd(stacked, layout, batched, blocks=codec.token_blocks(layout, 7))
+    assert torch.equal(batched, one)  # every cell written (no NaN left) and equal
+    assert torch.equal(mean, torch.stack([m for m, _ in stats]))
+    assert torch.equal(std, torch.stack([s for _, s in stats]))
+
+
+def test_token_std_on_two_threads_is_bit_equal():
+    from loragen.lora.tokenize.token_set import token_std
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(7, 300, 4, 6, generator=g) * torch.rand(300, 1, 1, generator=g)
+    mask = torch.rand(300, 4, 6, generator=g) > 0.1
+    expected = token_std(tokens, mask, block_tokens=16)
+    for threads in (2, 3):
+        assert torch.equal(token_std(tokens, mask, block_tokens=16, threads=threads), expected)
+    direct = (tokens.double().std(0, correction=0) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
+    assert torch.allclose(expected.double(), direct, rtol=1e-4)

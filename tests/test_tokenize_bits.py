@@ -51,6 +51,19 @@ def test_tokens_are_bit_equal_to_the_previous_implementation(tmp_path, case):
     assert got == CASES[case]
 
 
+@pytest.mark.parametrize("group", [1, 2, 3, 5])
+@pytest.mark.parametrize("case", list(CASES), ids=lambda c: "-".join(map(str, c)))
+def test_tokens_do_not_depend_on_the_group_size(tmp_path, monkeypatch, case, group):
+    """Checkpoints are read and encoded GROUP_CHECKPOINTS at a time (one op for all of a group): any group size
+    gives the same bits (5 checkpoints: groups of 1, 2+2+1, 3+2, 5)."""
+    from loragen.lora.tokenize import token_set
+
+    monkeypatch.setattr(token_set, "GROUP_CHECKPOINTS", group)
+    scheme, chunk, dtype = case
+    ts = tokenize_checkpoints(trajectory(tmp_path, dtype), modules=MODULES, scheme=scheme, chunk=chunk)
+    assert tuple(digest(t) for t in (ts.tokens, ts.token_std, ts.chunk_mean, ts.chunk_std)) == CASES[case]
+
+
 @pytest.mark.parametrize("shape", [(300, 10, 66), (4296, 10, 130), (50, 3, 4)])
 def test_mean_checkpoint_by_blocks_equals_the_one_tensor_mean(shape):
     g = torch.Generator().manual_seed(0)

@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -136,6 +136,135 @@ def read_adapter(path: str | os.PathLike, device: str = "cpu", check_finite: boo
             if not torch.isfinite(t).all():
                 raise CheckpointError(f"{weights}: tensor {name} has non-finite values")
     return Adapter(config, tensors, str(path))
+
+
+# safetensors dtype names -> torch dtypes, for StackedReader (an unknown one makes it fall back to read_adapter)
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                   "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                   "BOOL": torch.bool}
+
+
+class StackedReader:
+    """Reads K safetensors files that share one header into one buffer: tensor `name` of all K files is then one
+    strided view of shape (K, *shape) (the checkpoint axis strides by the file size).
+
+    Why it exists beside read_adapter: the tokenizer encodes K checkpoints of a trajectory per torch op, to pay
+    torch's per-op overhead once per K checkpoints instead of once per checkpoint, which needs a tensor's K copies
+    as one tensor; and its buffer (K x the file size), allocated at the first read and reused by every later one,
+    costs no fresh page faults after the first, where load_file allocates every tensor anew. Everything else reads
+    adapters with read_adapter.
+
+    `read` returns None when the files cannot be stacked (different sizes or header bytes, a dtype it does not know,
+    misaligned data): read them one by one with read_adapter then. The first file's header is parsed and checked
+    (offsets inside the file, tensors tiling its data, shapes filling their bytes): a corrupt one is a
+    CheckpointError naming it; the other files' headers must equal it byte for byte. Its views are valid until the
+    next `read`, which overwrites the buffer."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._views: tuple[Any, dict[str, torch.Tensor]] | None = None  # (key, views) of the last read
+
+    def read(self, files: Sequence[str | os.PathLike]) -> dict[str, torch.Tensor] | None:
+        """Name -> (len(files), *shape) views of the files' tensors, or None when they cannot be stacked."""
+        files = [Path(f) for f in files]
+        if not files or not all(f.is_file() for f in files):
+            return None
+        size = files[0].stat().st_size
+        if size < 8 or any(f.stat().st_size != size for f in files[1:]):
+            return None
+        if self._buffer.numel() < len(files) * size:
+            self._buffer = torch.empty(0, dtype=torch.uint8)  # free the old buffer before allocating the new one
+            self._buffer = torch.empty(len(files) * size, dtype=torch.uint8)
+        mem = memoryview(self._buffer.numpy()).cast("B")
+        for i, f in enumerate(files):
+            _read_exactly(f, mem[i * size : (i + 1) * size])
+        header = bytes(mem[: 8 + _header_length(files[0], mem[:8], size)])
+        key = (self._buffer.data_ptr(), len(files), size, header)
+        if self._views is None or self._views[0] != key:  # the first file's header is checked as it is parsed
+            views = _stacked_views(files[0], self._buffer[: len(files) * size], len(files), size, header)
+            self._views = None if views is None else (key, views)
+        if self._views is None or any(mem[i * size : i * size + len(header)] != header for i in range(1, len(files))):
+            return None
+        return self._views[1]
+
+
+def _read_exactly(f: Path, dst: memoryview) -> None:
+    with open(f, "rb", buffering=0) as fh:
+        done = 0
+        while done < len(dst):
+            got = fh.readinto(dst[done:])
+            if not got:
+                raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): it ended after "
+                                      f"{done} of {len(dst)} bytes while being read")
+            done += got
+
+
+def _header_length(f: Path, first8: memoryview, size: int) -> int:
+    n = int.from_bytes(first8, "little")
+    if not 2 <= n <= size - 8:
+        raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): header length {n} does "
+                              f"not fit a file of {size} bytes")
+    return n
+
+
+def _stacked_views(f: Path, buffer: torch.Tensor, k: int, size: int,
+                   header: bytes) -> dict[str, torch.Tensor] | None:
+    """(k, *shape) views into `buffer` (k files of `size` bytes) of the tensors the header describes."""
+    entries = _tensor_entries(f, header, size - len(header))
+    if entries is None:
+        return None
+    views = {}
+    for name, (dtype, shape, begin) in entries.items():
+        item = dtype.itemsize
+        offset = len(header) + begin
+        if size % item or offset % item:
+            return None  # a typed view needs aligned data: leave it to read_adapter
+        strides = [1] * len(shape)
+        for d in range(len(shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * shape[d + 1]
+        views[name] = torch.as_strided(buffer.view(dtype), (k, *shape), (size // item, *strides), offset // item)
+    return views
+
+
+def _tensor_entries(f: Path, header: bytes, data_len: int) -> dict[str, tuple[torch.dtype, list[int], int]] | None:
+    """Name -> (dtype, shape, first byte in the data section) from a safetensors header; CheckpointError when the
+    header is not one of a whole, valid file of `data_len` data bytes; None for a dtype not in _TORCH_DTYPES."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {why}")
+
+    try:
+        raw = json.loads(header[8:])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise corrupt(f"its header is not JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise corrupt("its header is not a JSON object")
+    entries, spans = {}, []
+    for name, e in raw.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = e["dtype"], [int(d) for d in e["shape"]], e["data_offsets"]
+        except (TypeError, KeyError, ValueError) as err:
+            raise corrupt(f"tensor {name}: malformed header entry ({err!r})") from None
+        if dtype_name not in _TORCH_DTYPES:
+            return None
+        dtype = _TORCH_DTYPES[dtype_name]
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
+            raise corrupt(f"tensor {name}: data offsets {[begin, end]} outside the {data_len} data bytes")
+        if min(shape, default=0) < 0 or math.prod(shape) * dtype.itemsize != end - begin:
+            raise corrupt(f"tensor {name}: {dtype_name} {shape} does not fill its {end - begin} bytes")
+        entries[name] = (dtype, shape, begin)
+        spans.append((begin, end))
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise corrupt(f"its tensors do not tile the data section (a gap or overlap at byte {covered})")
+        covered = end
+    if covered != data_len:
+        raise corrupt(f"its tensors cover {covered} of its {data_len} data bytes")
+    if not entries:
+        raise corrupt("it holds no tensors")
+    return entries
 
 
 def write_adapter(path: str | os.PathLike, adapter: Adapter | None = None, *, config: dict | None = None,

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from loragen.errors import CheckpointError
-from loragen.lora.tokenize.layout import Layout
+from loragen.lora.tokenize.layout import Layout, TensorSlot
 
 STD_FLOOR = 1e-8
 MEAN_SCALE = 8.0
@@ -94,45 +94,58 @@ def token_blocks(layout: Layout, block_tokens: int = BLOCK_TOKENS) -> list[tuple
 def encode_dnd(tensors: dict[str, torch.Tensor], layout: Layout, dst: torch.Tensor,
                padded: list[tuple[int, int]] | None = None,
                blocks: list[tuple[int, int, list]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write one checkpoint's tokens into `dst` [T, r+2, c+2] (fp32); return its chunks' decoded (mean, std).
+    """Write the tokens of one checkpoint into `dst` [T, r+2, c+2] (fp32), or of K checkpoints at once into `dst`
+    [K, T, r+2, c+2] from tensors of shape (K, *saved shape); return the chunks' decoded (mean, std), [T] or [K, T].
 
-    Works block by block (`token_blocks`); every value is computed by the same operations as on the whole
-    checkpoint at once, so the tokens do not depend on the block size (tests/test_tokenize_bits.py)."""
-    r, c = layout.rank, layout.chunk
-    padded = padded_tokens(layout) if padded is None else padded
+    K at once pays torch's per-op overhead (hundreds of ops per checkpoint) once per K checkpoints. Works block by
+    block (`token_blocks`); every value is computed by the same operations as on one whole checkpoint at once, so
+    the tokens depend neither on the block size nor on K (tests/test_tokenize_bits.py)."""
+    if dst.dim() == 3:
+        one = {s.name: tensors[s.name].unsqueeze(0) for s in layout.tensors}
+        mean, std = encode_dnd(one, layout, dst.unsqueeze(0), padded, blocks)
+        return mean[0], std[0]
+    k, r, c = dst.shape[0], layout.rank, layout.chunk
+    pad_width = dict(padded_tokens(layout) if padded is None else padded)
     blocks = token_blocks(layout) if blocks is None else blocks
-    pad_width = dict(padded)
-    mean_q = torch.empty(layout.num_tokens)
-    std_q = torch.empty(layout.num_tokens)
-    tmp = torch.empty(max(b[1] - b[0] for b in blocks), r, c)
+    mean_q = torch.empty(k, layout.num_tokens)
+    std_q = torch.empty(k, layout.num_tokens)
+    tmp = torch.empty(k * max(b[1] - b[0] for b in blocks) * r * c)
     for t0, t1, slots in blocks:
-        block = dst[t0:t1]
-        data = block[:, 1 : r + 1, 1 : c + 1]
+        block = dst[:, t0:t1]
+        data = block[:, :, 1 : r + 1, 1 : c + 1]
         for s in slots:
-            x = tensors[s.name]
-            x = x.T if s.transposed else x  # (r, L)
-            t, full = s.first_token - t0, s.length // c
-            if full:
-                data[t : t + full].copy_(x[:, : full * c].reshape(r, full, c).transpose(0, 1))
-            if full < s.num_tokens:
-                data[t + full, :, : s.length - full * c].copy_(x[:, full * c :])
-                data[t + full, :, s.length - full * c :].zero_()
-        mean = data.mean((1, 2))  # two passes: 5x faster than var_mean's Welford here, and as stable
-        var = torch.sub(data, mean[:, None, None], out=tmp[: t1 - t0]).square_().mean((1, 2))
-        pads = [(t - t0, pad_width[t]) for t in range(t0, t1) if t in pad_width]
-        for t, w in pads:  # statistics of the real cells only
-            var[t], mean[t] = torch.var_mean(data[t, :, :w], correction=0)
+            _copy_in(data, tensors[s.name], s, s.first_token - t0, c)
+        mean = data.mean((2, 3))  # two passes: 5x faster than var_mean's Welford here, and as stable
+        dev = torch.sub(data, mean[:, :, None, None], out=tmp[: data.numel()].view(data.shape))
+        var = dev.square_().mean((2, 3))
+        pads = [(t - t0, pad_width[t]) for t in (s.first_token + s.num_tokens - 1 for s in slots) if t in pad_width]
+        for t, w in pads:  # statistics of the real cells only, one checkpoint at a time as on one checkpoint
+            for i in range(k):
+                var[i, t], mean[i, t] = torch.var_mean(data[i, t, :, :w], correction=0)
         mean_code, std_code = encode_stats(mean, var.sqrt())
         mq, sq = (v.float() for v in decode_stats(mean_code, std_code))
-        data.sub_(mq[:, None, None]).div_(sq[:, None, None])
+        data.sub_(mq[:, :, None, None]).div_(sq[:, :, None, None])
         for t, w in pads:
-            data[t, :, w:] = 0
-        block[:, 0, :] = mean_code[:, None]
-        block[:, 1 : r + 1, 0] = mean_code[:, None]
-        block[:, r + 1, :] = std_code[:, None]
-        block[:, 1 : r + 1, c + 1] = std_code[:, None]
-        mean_q[t0:t1], std_q[t0:t1] = mq, sq
+            data[:, t, :, w:] = 0
+        block[:, :, 0, :] = mean_code[:, :, None]
+        block[:, :, 1 : r + 1, 0] = mean_code[:, :, None]
+        block[:, :, r + 1, :] = std_code[:, :, None]
+        block[:, :, 1 : r + 1, c + 1] = std_code[:, :, None]
+        mean_q[:, t0:t1], std_q[:, t0:t1] = mq, sq
     return mean_q, std_q
+
+
+def _copy_in(data: torch.Tensor, x: torch.Tensor, s: TensorSlot, t: int, c: int) -> None:
+    """Tensor slot `s` of K checkpoints, x (K, *s.shape), into its tokens' data cells data[:, t : t + s.num_tokens]
+    (K, n, r, c); the padded cells of its last token are zeroed."""
+    x = x.transpose(1, 2) if s.transposed else x  # (K, r, L)
+    k, r, full = x.shape[0], x.shape[1], s.length // c
+    if full:
+        data[:, t : t + full].copy_(x[:, :, : full * c].reshape(k, r, full, c).transpose(1, 2))
+    if full < s.num_tokens:
+        tail = s.length - full * c
+        data[:, t + full, :, :tail].copy_(x[:, :, full * c :])
+        data[:, t + full, :, tail:].zero_()
 
 
 def encode_flat_raw(tensors: dict[str, torch.Tensor], layout: Layout, dst: torch.Tensor) -> None:
