@@ -8,6 +8,7 @@ a fresh process, from VmHWM). Shapes come from the model config; no weights are 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,13 @@ def first_touch(shape) -> float:
     return t
 
 
+REPEATS = 3
+
+
+def _spread(values: list[float]) -> str:
+    return f"min-max {min(values):.2f}-{max(values):.2f} s"
+
+
 def run(n: int = 50) -> list[dict]:
     from safetensors.torch import load_file
 
@@ -90,15 +98,20 @@ def run(n: int = 50) -> list[dict]:
         mb = sum(f.stat().st_size for f in files) / 2**20
         for f in files:  # warm the page cache: (a) and (b) read the same bytes
             f.read_bytes()
-        t0 = time.perf_counter()
-        with single_thread():  # the same thread setting as tokenize, so the ratio compares the work
-            for f in files:  # load_file maps lazily: clone() makes it read every tensor once
-                {k: v.clone() for k, v in load_file(str(f)).items()}
-        t_load = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ts = tokenize_checkpoints(tmp, modules=MODULES, scheme="dnd")
-        t_tok = time.perf_counter() - t0
-        t_touch = first_touch(ts.tokens.shape)
+        loads, toks, touches = [], [], []
+        ts = None
+        for _ in range(REPEATS):  # alternated, so both sides see the same machine state
+            t0 = time.perf_counter()
+            with single_thread():  # the same thread setting as tokenize, so the ratio compares the work
+                for f in files:  # load_file maps lazily: clone() makes it read every tensor once
+                    {k: v.clone() for k, v in load_file(str(f)).items()}
+            loads.append(time.perf_counter() - t0)
+            ts = None  # the previous output is freed first, as in a fresh run
+            t0 = time.perf_counter()
+            ts = tokenize_checkpoints(tmp, modules=MODULES, scheme="dnd")
+            toks.append(time.perf_counter() - t0)
+            touches.append(first_touch(ts.tokens.shape))
+        t_load, t_tok, t_touch = (statistics.median(v) for v in (loads, toks, touches))
         t0 = time.perf_counter()
         for i in range(n):
             detokenize(ts.tokens[i], ts.layout)
@@ -110,11 +123,13 @@ def run(n: int = 50) -> list[dict]:
     note = f"{n} Qwen2.5-0.5B-shaped r=8 adapters, {mb:.0f} MB, tokens {shape}"
     return [
         {"name": "tokenize.load", "metric": "MB/s", "loragen": mb / t_load, "reference": mb / t_load, "ratio": 1.0,
-         "target": "reference", "notes": f"(a) safetensors load_file + one read of each tensor, {t_load:.2f} s; {note}"},
+         "target": "reference", "notes": f"(a) safetensors load_file + one read of each tensor, median {t_load:.2f} s "
+                  f"({_spread(loads)}) of {REPEATS} alternated with (b); {note}"},
         {"name": "tokenize.tokenize", "metric": "seconds", "loragen": t_tok, "reference": t_load,
          "ratio": t_tok / t_load, "target": "<= 2x (a)",
-         "notes": f"(b) {mb / t_tok:.0f} MB/s, dnd incl. token_std; first touch of a fresh output of that size "
-                  f"alone (the kernel zeroing its pages, which (a) never pays): {t_touch:.2f} s"},
+         "notes": f"(b) {mb / t_tok:.0f} MB/s, dnd incl. token_std, median ({_spread(toks)}); first touch of a "
+                  f"fresh output of that size alone (the kernel zeroing its pages, which (a) never pays): median "
+                  f"{t_touch:.2f} s ({_spread(touches)})"},
         {"name": "tokenize.detokenize", "metric": "seconds", "loragen": t_detok, "reference": t_load,
          "ratio": t_detok / t_load, "target": "", "notes": f"(c) {mb / t_detok:.0f} MB/s, to in-memory tensors"},
         {"name": "tokenize.peak_memory", "metric": "GB extra", "loragen": peak["extra"] / 2**30,
