@@ -132,7 +132,8 @@ def profile_section(runs: Runs) -> list[str]:
              f"{duration(total, hours=True)} of step wall time: wall seconds; CPU seconds (user+sys of the step's process "
              "and its child processes, over every core: above the wall time when several cores worked; – not recorded: "
              "a step run elsewhere, e.g. SLURM, in a job array, or recorded before CPU seconds were); share: of the "
-             "steps' total wall time (steps skipped when resuming keep the time of the run that did them); load: the "
+             "steps' total wall time (steps skipped when resuming keep the time of the run that did them; steps run at "
+             "once by pipeline.workers overlap, so their total exceeds the pipeline's wall time); load: the "
              "machine's 1-minute load average before→after the step and its core count (a load above the core count "
              "means the step shared the machine and its wall time is longer than on a quiet one).", "",
              "| kind | steps | wall s | share | CPU s |", "|---|---|---|---|---|"]
