@@ -107,13 +107,14 @@ class LocalPool:
                          runtime.duration(out["seconds"], hours=True), out["cpu_seconds"])
                 if finished is not None:
                     finished(step.name, out["seconds"], out["cpu_seconds"])
-        if stopped or received:
-            names = list(stopped) or [s.name for f, s in futures.items() if f.cancelled()]
-            first = next(iter(stopped.values()), None)
-            code = first["exit_code"] if first else 128 + received[0]
-            detail = "; ".join(f"{n} {r[INTERRUPTED]}" for n, r in stopped.items()) or \
-                f"{', '.join(names)} interrupted before they started; rerun the same command to resume"
-            raise Interrupted(f"pipeline step {detail}", exit_code=code)
+        if stopped:
+            detail = "; ".join(f"{n} {r[INTERRUPTED]}" for n, r in stopped.items())
+            raise Interrupted(f"pipeline step {detail}", exit_code=next(iter(stopped.values()))["exit_code"])
+        if received:  # the running steps finished before the signal reached them; the rest never started
+            dropped = [s.name for f, s in futures.items() if f.cancelled()]
+            raise Interrupted(f"pipeline interrupted ({signal.Signals(received[0]).name}) as its steps finished"
+                              f"{'; not started: ' + ', '.join(dropped) if dropped else ''}; finished steps are kept; "
+                              "rerun the same command to resume", exit_code=128 + received[0])
         if len(failures) == 1:
             raise next(iter(failures.values()))
         if failures:
