@@ -8,15 +8,13 @@ results.csv and results.md.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
+from loragen import fingerprint as fp
 from loragen import io, rundir, runtime
 from loragen.data import LoadedSplit, dataset_specs, load_split
 from loragen.data.registry import data_options
@@ -26,6 +24,7 @@ from loragen.evaluation.adapters import AdapterSwitcher, check_adapter
 from loragen.evaluation.prompting import with_chat_template, with_fewshot
 from loragen.evaluation.results import result_entry, sample_rows, write_results
 from loragen.lora.adapter_io import is_adapter_dir, not_an_adapter, read_adapter
+from loragen.lora.svd_cache import weight_digest
 from loragen.models import load_model
 from loragen.provenance import provenance
 from loragen.train_env import make_accelerator
@@ -100,18 +99,13 @@ def run(cfg: DictConfig) -> dict:
 
 
 def adapter_digest(path: str) -> str:
-    """sha256 of an adapter's config and tensors: two labels with one digest score the same (the nearest-prompt
-    baseline is a training dataset's LoRA, evaluated beside it)."""
+    """A digest of an adapter's config and tensors (each by its bytes, dtype and shape): two labels with one digest
+    score the same (the nearest-prompt baseline is a training dataset's LoRA, evaluated beside it)."""
     try:
         adapter = read_adapter(path, check_finite=False)
     except CheckpointError:  # scoring it reports what is wrong with it
         return f"unreadable:{path}"
-    h = hashlib.sha256(json.dumps(adapter.config, sort_keys=True, default=str).encode())
-    for name in sorted(adapter.tensors):
-        t = adapter.tensors[name].contiguous()
-        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return fp.digest({"config": adapter.config, "tensors": {n: weight_digest(t) for n, t in adapter.tensors.items()}})
 
 
 def evaluate_split(cfg: DictConfig, model, lm, split: LoadedSplit, generation: GenerationSettings, accelerator,
