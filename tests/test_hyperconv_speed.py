@@ -57,6 +57,25 @@ def test_conv_same_falls_back_to_conv2d(monkeypatch):
     assert calls  # the same shape in fp32 does take the Winograd path
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 4, 3), (2, 6, 9, 5)])  # one tile (s1 = m) and a ragged last tile
+def test_scratch_buffers_never_leak_into_results(always_winograd, monkeypatch, shape):
+    """The transforms reuse scratch buffers between calls: two convs of the same shapes, run forward one after the
+    other and then backward, keep outputs and gradients equal to F.conv2d's (each computed alone in float64)."""
+    calls = _count_winograd(monkeypatch)
+    g = torch.Generator().manual_seed(shape[2])
+    xs = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    ws = [torch.randn(4, shape[1], 5, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    ys = [conv_same(x, w) for x, w in zip(xs, ws)]
+    assert len(calls) == 2
+    gos = [torch.randn(y.shape, generator=g, dtype=torch.float64) for y in ys]
+    grads = [torch.autograd.grad(y, (x, w), go) for y, x, w, go in zip(ys, xs, ws, gos)]
+    for y, x, w, go, got in zip(ys, xs, ws, gos, grads):
+        ref = F.conv2d(x, w, padding=2)
+        assert relative_error(y, ref) < 1e-10
+        for ours, theirs in zip(got, torch.autograd.grad(ref, (x, w), go), strict=True):
+            assert relative_error(ours, theirs) < 1e-10
+
+
 def _random_params(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -9,18 +9,23 @@ Speed (bench `hyperconv`, issue [4/5]): on CPU the five convolutions of a layer 
 step and oneDNN's direct convolution already runs near the core's peak, so the layer does fewer multiplications
 instead: a k x k "same" convolution runs as a one-dimensional Winograd convolution F(m, k) (Toom-Cook, points
 0, +-1, +-2, +-1/2, infinity; tiles of alpha = m + k - 1 = 8 rows, m = 4 for k = 5) along its longer spatial
-axis and a direct 1 x k convolution along the other. The alpha products are one grouped convolution with 1 x k
-kernels over m-times fewer rows: alpha / (m k) = 0.4 of the multiplications for k = 5. The
-parameters are the same nn.Conv2d modules as before (state_dict unchanged, old checkpoints load); the results
-equal the direct convolution's to fp32 rounding (a few 1e-6 of the output scale; tests/test_hyperconv_speed.py).
-Direct convolution stays where the transforms cost more than they save (other kernel sizes, few channels), off
-the CPU (cuDNN picks its own algorithms, Winograd included) and for half precision (fp16/bf16 rounding would
-be amplified by the transforms).
+axis and a direct 1 x k convolution along the other: alpha / (m k) = 0.4 of the multiplications for k = 5. The
+alpha products are separate 1 x k convolutions in channels-last layout (25% faster than one grouped NCHW
+convolution on the bench's CPU), and the transforms' transient operands live in reused scratch buffers (a fresh
+12 MB buffer costs more in page faults than the transform that fills it). The parameters are the same nn.Conv2d
+modules as before (state_dict unchanged, old checkpoints load). The results equal the direct convolution's to
+fp32 rounding: in float64 to 1e-10 (tests/test_hyperconv_speed.py); in float32 the bench decoder is 4.4e-6 of the
+output scale from the fp32 reference (2.0e-6 with the grouped NCHW products; oneDNN's channels-last kernel sums
+the k * channels products of a point in a longer chain). Direct convolution stays where the transforms cost
+more than they save (other kernel sizes, few channels), off the CPU (cuDNN picks its own algorithms, Winograd
+included) and for half precision (fp16/bf16 rounding would be amplified by the transforms).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
 from itertools import pairwise
 from typing import Sequence
 
@@ -64,65 +69,114 @@ def _winograd(m: int, r: int, dtype: torch.dtype, device: torch.device):
     return tuple(t.to(dtype=dtype, device=device) for t in _winograd_f64(m, r))
 
 
-class _WinogradRows(torch.autograd.Function):
-    """y = conv2d(x, w, padding='same') from the transformed weights u = G w: F(m, r) along dim 2, 1 x r along dim 3.
+_SCRATCH: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+SCRATCH_BUFFERS = 64  # at most this many kept, least recently used dropped: DnD's small shapes use 19 (96 MB)
 
-    x [n, ci, s1, s2] (any strides), u [a * co, ci, 1, r] (the a transformed kernels stacked). The a products are
-    one grouped oneDNN convolution with 1 x r kernels over the tiles; forward and backward are written out so that
-    a step is few large ops (no per-tile zero-fill or scatter as autograd's unfold backward would do). Saves the
-    transformed input (a / m times the input's size) for backward; no double backward.
+
+def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A reused buffer for a transform's transient operand (dead when the call returns), one per role and shape.
+
+    A fresh tensor of this size is paid for in page faults when first written: on the bench's VM a 12 MB
+    transform into new memory took 3.7 ms, into a reused buffer 1.5 ms. Keyed by thread as well, so decoders
+    run from two threads never share one.
+    """
+    key = (role, shape, like.dtype, like.device, threading.get_ident())
+    buf = _SCRATCH.pop(key, None)
+    if buf is None:
+        buf = like.new_empty(shape)
+    _SCRATCH[key] = buf
+    while len(_SCRATCH) > SCRATCH_BUFFERS:
+        _SCRATCH.popitem(last=False)
+    return buf
+
+
+class _WinogradRows(torch.autograd.Function):
+    """y = conv2d(x, w, padding='same') with F(m, r) along dim 2 of x [n, ci, s1, s2] and 1 x r along dim 3.
+
+    The a = m + r - 1 products are a separate 1 x r convolutions in channels-last layout, point i's input and
+    output contiguous slices [n, tiles, s2, channels] of one [a, ...] tensor: on the bench's CPU that is 25% faster
+    than one grouped NCHW convolution over all a points, and the transforms become single [a, a] x [a, rest]
+    matrix products over the leading dim. The W-axis convs of a HyperConv layer have the layer's innermost W as
+    their channels, so every gather into and out of this layout copies contiguous runs. Saves the transformed input
+    (a / m times the input's size) and weights for backward; no double backward.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, u: torch.Tensor, m: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, m: int) -> torch.Tensor:
         n, ci, s1, s2 = x.shape
-        r = u.shape[-1]
+        co, _, r, _ = weight.shape
         a, p = m + r - 1, r // 2
-        co = u.shape[0] // a
-        at, _, bt = _winograd(m, r, x.dtype, x.device)
+        at, g, bt = _winograd(m, r, x.dtype, x.device)
         tiles = -(-s1 // m)
-        xp = F.pad(x, (0, 0, p, tiles * m + r - 1 - s1 - p))
-        d = xp.unfold(2, a, m).permute(0, 4, 1, 2, 3).reshape(n, a, ci * tiles * s2)  # the a rows of every tile
-        v = torch.matmul(bt, d).view(n, a * ci, tiles, s2)
-        prods = F.conv2d(v, u, padding=(0, p), groups=a).view(n, a, co * tiles * s2)
-        y = torch.matmul(at, prods).view(n, m, co, tiles, s2).permute(0, 2, 3, 1, 4).reshape(n, co, tiles * m, s2)
+        wt = _scratch("w", (r, co, r, ci), weight)
+        wt.copy_(weight.permute(2, 0, 3, 1))
+        u = (g @ wt.view(r, -1)).view(a, co, 1, r, ci)  # point i: [co, 1, r, ci]
+        d = _scratch("in", (a, n, tiles, s2, ci), x)  # d[j, :, t] = row t * m + j - p of x, zero outside
+        for j in range(a):
+            t0, t1 = max(0, -(-(p - j) // m)), min(tiles, (s1 - 1 - j + p) // m + 1)
+            first = t0 * m + j - p
+            d[j, :, t0:t1] = x[:, :, first : first + (t1 - t0 - 1) * m + 1 : m].permute(0, 2, 3, 1)
+            d[j, :, :t0] = 0
+            d[j, :, t1:] = 0
+        v = torch.matmul(bt, d.view(a, -1)).view(a, n, tiles, s2, ci)
+        prods = _scratch("out", (a, n, tiles, s2, co), x)
+        torch.stack([F.conv2d(v[i].permute(0, 3, 1, 2), u[i].permute(0, 3, 1, 2), padding=(0, p)).permute(0, 2, 3, 1)
+                     for i in range(a)], out=prods)
+        ym = torch.matmul(at, prods.view(a, -1), out=_scratch("rows", (m, n * tiles * s2 * co), x))
+        y = x.new_empty(n, s2, tiles * m, co)  # new memory: a reshape could be a view of the scratch buffer
+        y.view(n, s2, tiles, m, co).copy_(ym.view(m, n, tiles, s2, co).permute(1, 3, 2, 0, 4))
+        y = y[:, :, :s1]
         ctx.save_for_backward(v, u)
         ctx.m, ctx.s1 = m, s1
-        return y[:, :, :s1]
+        return y.permute(0, 3, 2, 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy: torch.Tensor):
         v, u = ctx.saved_tensors
         m, s1 = ctx.m, ctx.s1
-        n, _, tiles, s2 = v.shape
-        r = u.shape[-1]
-        a, p = m + r - 1, r // 2
-        ci, co = v.shape[1] // a, u.shape[0] // a
-        at, _, bt = _winograd(m, r, v.dtype, v.device)
-        gq = F.pad(gy, (0, 0, 0, tiles * m - s1)).view(n, co, tiles, m, s2).permute(0, 3, 1, 2, 4)
-        gp = torch.matmul(at.T, gq.reshape(n, m, co * tiles * s2)).view(n, a * co, tiles, s2)
-        need_x, need_u = ctx.needs_input_grad[:2]
-        gv, gu, _ = torch.ops.aten.convolution_backward(gp, v, u, None, [1, 1], [0, p], [1, 1], False, [0, 0], a,
-                                                        [need_x, need_u, False])
+        a, n, tiles, s2, ci = v.shape
+        co, r = u.shape[1], u.shape[3]
+        p = r // 2
+        at, g, bt = _winograd(m, r, v.dtype, v.device)
+        gq = _scratch("rows", (m, n * tiles * s2 * co), v).view(m, n, tiles, s2, co)
+        gq[:] = F.pad(gy, (0, 0, 0, tiles * m - s1)).unflatten(2, (tiles, m)).permute(3, 0, 2, 4, 1)
+        gp = torch.matmul(at.T, gq.view(m, -1), out=_scratch("out", (a, n, tiles, s2, co), v).view(a, -1))
+        gp = gp.view(a, n, tiles, s2, co)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gvs, gus = [], []
+        for i in range(a):
+            gv, gu, _ = torch.ops.aten.convolution_backward(
+                gp[i].permute(0, 3, 1, 2), v[i].permute(0, 3, 1, 2), u[i].permute(0, 3, 1, 2), None, [1, 1], [0, p],
+                [1, 1], False, [0, 0], 1, [need_x, need_w, False])
+            gvs.append(gv)
+            gus.append(gu)
+        gw = None
+        if need_w:  # w[o, c, j, s] = sum_i G[i, j] u_i[o, c, s]
+            gu = torch.stack([t.permute(0, 2, 3, 1) for t in gus], out=_scratch("gu", (a, co, 1, r, ci), v))
+            gwt = torch.matmul(g.T, gu.view(a, -1), out=_scratch("w", (r, co, r, ci), v).view(r, -1))
+            gw = gwt.new_empty(co, ci, r, r)  # contiguous, as the parameter's .grad will be: no copy there
+            gw.copy_(gwt.view(r, co, r, ci).permute(1, 3, 0, 2))
         gx = None
         if need_x:
-            gd = torch.matmul(bt.T, gv.view(n, a, ci * tiles * s2)).view(n, a, ci, tiles, s2).permute(0, 2, 3, 1, 4)
-            blocks = -(-a // m)  # a tile spans this many blocks of m rows: fold the tiles back block by block
-            gxp = gd.new_zeros(n, ci, tiles + blocks - 1, m, s2)
-            for j in range(blocks):
-                rows = min(m, a - j * m)
-                gxp[:, :, j : j + tiles, :rows].add_(gd[:, :, :, j * m : j * m + rows])
-            gx = gxp.view(n, ci, -1, s2)[:, :, p : p + s1]
-        return gx, gu, None
+            gv = torch.stack([t.permute(0, 2, 3, 1) for t in gvs], out=_scratch("gin", (a, n, tiles, s2, ci), v))
+            gd = torch.matmul(bt.T, gv.view(a, -1), out=_scratch("in", (a, n, tiles, s2, ci), v).view(a, -1))
+            gd = gd.view(a, n, tiles, s2, ci)
+            # fold the tiles back: row t * m + j of the padded input gets gd[j, :, t]; a tile spans `blocks` blocks
+            blocks = -(-a // m)
+            gxp = gd.new_empty(n, s2, tiles + blocks - 1, m, ci)
+            gxp[:, :, :tiles] = gd[:m].permute(1, 3, 2, 0, 4)
+            gxp[:, :, tiles:] = 0
+            for b in range(1, blocks):
+                rows = min(m, a - b * m)
+                gxp[:, :, b : b + tiles, :rows] += gd[b * m : b * m + rows].permute(1, 3, 2, 0, 4)
+            gx = gxp.view(n, s2, -1, ci)[:, :, p : p + s1].permute(0, 3, 2, 1)
+        return gx, gw, None
 
 
 def _winograd_rows(x: torch.Tensor, weight: torch.Tensor, m: int) -> torch.Tensor:
     """conv2d(x, weight, padding='same') with F(m, r) along dim 2 and a direct 1 x r conv along dim 3."""
-    co, ci, r, _ = weight.shape
-    _, g, _ = _winograd(m, r, x.dtype, x.device)
-    u = (g @ weight.permute(2, 0, 1, 3).reshape(r, -1)).view((m + r - 1) * co, ci, 1, r)
-    return _WinogradRows.apply(x, u, m)
+    return _WinogradRows.apply(x, weight, m)
 
 
 def conv_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
