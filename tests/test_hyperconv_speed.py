@@ -20,6 +20,14 @@ def always_winograd(monkeypatch):
     monkeypatch.setattr(hyperconv, "WINOGRAD_TILE", {3: 6, 5: 4, 7: 2})
 
 
+def _channels_last(shape, generator=None, dtype=torch.float32, requires_grad=False) -> torch.Tensor:
+    """A tensor of `shape` (n, c, h, w) whose channels are its innermost dim, as a HyperConv W-axis conv's input
+    is (the Winograd path's layout condition)."""
+    n, c, h, w = shape
+    x = torch.randn(n, h, w, c, generator=generator, dtype=dtype, requires_grad=requires_grad)
+    return x.permute(0, 3, 1, 2)
+
+
 def _count_winograd(monkeypatch) -> list[int]:
     calls = []
     apply = hyperconv._WinogradRows.apply
@@ -33,7 +41,7 @@ def test_conv_same_is_conv2d_in_float64(always_winograd, monkeypatch, k, shape):
     """In float64 the Winograd rounding vanishes: equal to F.conv2d to 1e-10, odd lengths and both axes included."""
     calls = _count_winograd(monkeypatch)
     g = torch.Generator().manual_seed(k)
-    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    x = _channels_last(shape, g, torch.float64, requires_grad=True)
     w = torch.randn(5, shape[1], k, k, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, generator=g, dtype=torch.float64)
     y, ref = conv_same(x, w, b), F.conv2d(x, w, b, padding=k // 2)
@@ -46,15 +54,17 @@ def test_conv_same_is_conv2d_in_float64(always_winograd, monkeypatch, k, shape):
 
 def test_conv_same_falls_back_to_conv2d(monkeypatch):
     calls = _count_winograd(monkeypatch)
-    x = torch.randn(1, 4, 6, 6)
-    for k in (1, 3, 5, 7, 9):  # 5 x 4 channels: too few to pay; other sizes: direct by default
+    x = _channels_last((1, 4, 6, 6))
+    for k in (1, 3, 5, 7, 9):  # 3 x 4 channels: too few to pay; k = 1, 7, 9: direct
         w = torch.randn(3, 4, k, k)
         assert torch.equal(conv_same(x, w), F.conv2d(x, w, padding=k // 2))
-    x, w = torch.randn(1, 128, 8, 8, dtype=torch.bfloat16), torch.randn(128, 128, 5, 5, dtype=torch.bfloat16)
+    x, w = _channels_last((1, 128, 8, 8), dtype=torch.bfloat16), torch.randn(128, 128, 5, 5, dtype=torch.bfloat16)
     assert torch.equal(conv_same(x, w), F.conv2d(x, w, padding=2))  # half precision: transforms would cost accuracy
+    x = x.float()
+    assert torch.equal(conv_same(x.contiguous(), w.float()), F.conv2d(x.contiguous(), w.float(), padding=2))  # NCHW
     assert not calls
-    conv_same(x.float(), w.float())
-    assert calls  # the same shape in fp32 does take the Winograd path
+    conv_same(x, w.float())
+    assert calls  # the same shape in fp32 with channels innermost does take the Winograd path
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 4, 3), (2, 6, 9, 5)])  # one tile (s1 = m) and a ragged last tile
@@ -63,7 +73,7 @@ def test_scratch_buffers_never_leak_into_results(always_winograd, monkeypatch, s
     other and then backward, keep outputs and gradients equal to F.conv2d's (each computed alone in float64)."""
     calls = _count_winograd(monkeypatch)
     g = torch.Generator().manual_seed(shape[2])
-    xs = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    xs = [_channels_last(shape, g, torch.float64, requires_grad=True) for _ in range(2)]
     ws = [torch.randn(4, shape[1], 5, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     ys = [conv_same(x, w) for x, w in zip(xs, ws)]
     assert len(calls) == 2
@@ -114,16 +124,24 @@ def test_decoder_equals_reference_outputs_and_gradients(always_winograd, monkeyp
         assert (p.grad - q.grad).abs().max() <= 1e-4 * max(q.grad.abs().max(), 1e-2 * scale), name
 
 
-def test_bench_shapes_take_the_winograd_path(monkeypatch):
-    """The default thresholds send the big convs of DnD's small shapes (kernel 5) through Winograd: the 4 W convs
-    of the first two layers (the ones that paid in the bench), not the other 11."""
+SMALL_MINILM = [(32, 64, 384), (64, 32, 192), (128, 16, 100), (128, 16, 100), (144, 10, 66)]  # conf/generator
+
+
+@pytest.mark.parametrize("features, kernel, expected", [
+    (None, 5, 4),  # bench FEATURES: the W convs of layers 1-2; layer 3's (96 x 48 channels) lost, 0.91x
+    (SMALL_MINILM, 3, 8),  # the demo's generator: all four layers' W convs (6600-73728 channels), F(6, 3)
+])
+def test_default_shapes_take_the_winograd_path_on_w_convs_only(monkeypatch, features, kernel, expected):
+    """The default thresholds send the W-axis convs that paid in the bench through Winograd, and no H-axis or
+    channel conv (their inputs do not have channels innermost: the gathers cost more than the transforms save)."""
     calls = _count_winograd(monkeypatch)
     from loragen.bench.hyperconv import FEATURES
 
-    dec = HyperConvDecoder(FEATURES, 5)
+    features = features or FEATURES
+    dec = HyperConvDecoder(features, kernel)
     with torch.no_grad():
-        dec(torch.randn(1, *FEATURES[0]))
-    assert len(calls) == 4
+        dec(torch.randn(1, *features[0]))
+    assert len(calls) == expected
 
 
 def test_state_dict_of_the_reference_layout_loads(tmp_path):

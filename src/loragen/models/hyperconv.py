@@ -8,17 +8,20 @@ The chain adds a skip connection wherever a layer's input and output shapes matc
 Speed (bench `hyperconv`, issue [4/5]): on CPU the five convolutions of a layer are nearly all of a training
 step and oneDNN's direct convolution already runs near the core's peak, so the layer does fewer multiplications
 instead: a k x k "same" convolution runs as a one-dimensional Winograd convolution F(m, k) (Toom-Cook, points
-0, +-1, +-2, +-1/2, infinity; tiles of alpha = m + k - 1 = 8 rows, m = 4 for k = 5) along its longer spatial
-axis and a direct 1 x k convolution along the other: alpha / (m k) = 0.4 of the multiplications for k = 5. The
+0, +-1, +-2, +-1/2, infinity; tiles of alpha = m + k - 1 = 8 rows: m = 4 for k = 5, 6 for k = 3) along its longer
+spatial axis and a direct 1 x k convolution along the other: alpha / (m k) = 0.4 (k = 5) and 0.44 (k = 3) of the
+multiplications. The
 alpha products are separate 1 x k convolutions in channels-last layout (25% faster than one grouped NCHW
 convolution on the bench's CPU), and the transforms' transient operands live in reused scratch buffers (a fresh
 12 MB buffer costs more in page faults than the transform that fills it). The parameters are the same nn.Conv2d
 modules as before (state_dict unchanged, old checkpoints load). The results equal the direct convolution's to
 fp32 rounding: in float64 to 1e-10 (tests/test_hyperconv_speed.py); in float32 the bench decoder is 4.4e-6 of the
 output scale from the fp32 reference (2.0e-6 with the grouped NCHW products; oneDNN's channels-last kernel sums
-the k * channels products of a point in a longer chain). Direct convolution stays where the transforms cost
-more than they save (other kernel sizes, few channels), off the CPU (cuDNN picks its own algorithms, Winograd
-included) and for half precision (fp16/bf16 rounding would be amplified by the transforms).
+the k * channels products of a point in a longer chain; small_minilm's k = 3 decoder: 4.8e-6 from float64, the
+direct one 1.2e-6). Direct convolution stays where the transforms cost more than they save (k = 7 and 9, few
+channels, inputs whose channels are not their innermost dim: a layer's H-axis and channel convs), off the CPU
+(cuDNN picks its own algorithms, Winograd included) and for half precision (fp16/bf16 rounding would be amplified
+by the transforms).
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ Shape = tuple[int, int, int]
 
 WINOGRAD_POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, -3.0)
 # kernel size -> output rows m per tile of alpha = m + k - 1 = 8 (alpha 10 grows the fp32 error ~10x). Measured on
-# the 2-core CPU of bench `hyperconv` (2 threads, fwd + bwd per conv): k=5 pays (up to 1.5x on the big convs);
-# k=3 (F(6,3)) lost on every conv of small_minilm and k=7 (F(2,7)) broke even, so both stay direct.
-WINOGRAD_TILE = {5: 4}
-WINOGRAD_MIN_MACS = 128 * 128  # in x out channels below which the transforms cost more than they save (k=5)
+# the 2-core CPU of bench `hyperconv` (2 threads, fwd + bwd per conv, the channels-last products): the W-axis convs
+# pay for k=5 (2.2x at 384 -> 192 channels, 1.45x at 192 -> 96, 0.91x at 96 -> 48) and k=3 (small_minilm's:
+# 1.53x, 1.53x, 1.34x, 1.20x at 73728 down to 6600 in x out channels); k=7 (F(2,7)) broke even with the grouped
+# products and stays direct (no config uses it).
+WINOGRAD_TILE = {3: 6, 5: 4}
+WINOGRAD_MIN_MACS = 6000  # in x out channels below which the transforms cost more than they save
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,11 +185,16 @@ def _winograd_rows(x: torch.Tensor, weight: torch.Tensor, m: int) -> torch.Tenso
 
 
 def conv_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """conv2d(x, weight, bias, padding='same') for an odd square kernel, Winograd along the longer axis when it pays."""
+    """conv2d(x, weight, bias, padding='same') for an odd square kernel, Winograd along the longer axis when it pays.
+
+    It pays only where x's channels are its innermost dim (stride 1; a HyperConv layer's W-axis convs): the
+    transforms gather the input into channels-last tiles, which is a run of contiguous copies there and a strided
+    gather elsewhere (the H-axis and channel convs: 0.5-0.9x measured)."""
     r = weight.shape[-1]
     m = WINOGRAD_TILE.get(r, 0)
     s1, s2 = x.shape[2:]
     if (m < 2 or max(s1, s2) < m or weight.shape[0] * weight.shape[1] < WINOGRAD_MIN_MACS
+            or (x.stride(1) != 1 and x.shape[1] > 1)
             or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)):
         return F.conv2d(x, weight, bias, padding=r // 2)
     if s2 > s1:
