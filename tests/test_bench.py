@@ -1,6 +1,8 @@
 import json
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,9 @@ def test_results_written_with_machine_and_rows(tmp_path, monkeypatch):
     bench.main([], out=tmp_path)
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["machine"]) == {"cpu", "cores", "torch", "python"}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(bench.__file__).parent, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout: the commit measured is recorded (dirty when the tree has changes)
+        assert report["git_sha"].removesuffix("-dirty") == head.stdout.strip()
     [row] = report["results"]
     assert (row["name"], row["loragen"], row["reference"], row["ratio"]) == ("fake", 30.0, 12.0, 2.5)
     assert len(row["load_before"]) == 3 and len(row["load_after"]) == 3

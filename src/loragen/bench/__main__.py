@@ -17,6 +17,7 @@ from pathlib import Path
 
 import loragen.bench as pkg
 from loragen import io
+from loragen.provenance import git_sha
 
 
 def machine() -> dict:
@@ -99,9 +100,9 @@ def main(argv: list[str], out: Path = Path("bench")) -> None:
                 row["notes"] = (row.get("notes", "") + " BUSY: load above the core count").strip()
             results.append(row)
             print(json.dumps(row), flush=True)
-    report = {"machine": machine(), "results": results}
+    report = {"machine": machine(), "git_sha": git_sha(), "results": results}
     io.write_json(out / "results.json", report)
-    lines = [f"Machine: {report['machine']}", "",
+    lines = [f"Machine: {report['machine']}; commit {report['git_sha']}", "",
              "| benchmark | metric | loragen | reference | ratio | target | load (1 min) before/after | others' cores | notes |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
