@@ -124,6 +124,28 @@ def test_decoder_equals_reference_outputs_and_gradients(always_winograd, monkeyp
         assert (p.grad - q.grad).abs().max() <= 1e-4 * max(q.grad.abs().max(), 1e-2 * scale), name
 
 
+def test_a_stage_releases_the_scratch_buffers(always_winograd, monkeypatch):
+    """run_stage drops the transforms' buffers when a stage ends, a failing one too (the pipeline runs the next
+    stage in the same process)."""
+    import sys
+    import types
+
+    from omegaconf import OmegaConf
+
+    from loragen.stages import checks, run_stage
+
+    def fake_run(cfg):
+        conv_same(_channels_last((1, 4, 8, 8)), torch.randn(3, 4, 5, 5))
+        assert hyperconv._SCRATCH
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(sys.modules, "loragen.stages.report", types.SimpleNamespace(run=fake_run))
+    monkeypatch.setattr(checks, "validate", lambda cfg: None)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_stage(OmegaConf.create({"seed": 0, "stage": {"name": "report"}}))
+    assert not hyperconv._SCRATCH
+
+
 SMALL_MINILM = [(32, 64, 384), (64, 32, 192), (128, 16, 100), (128, 16, 100), (144, 10, 66)]  # conf/generator
 
 

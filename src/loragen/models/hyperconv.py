@@ -95,6 +95,11 @@ def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Ten
     return buf
 
 
+def release_scratch() -> None:
+    """Drop every scratch buffer (the next Winograd convolution allocates afresh): for the end of a stage."""
+    _SCRATCH.clear()
+
+
 class _WinogradRows(torch.autograd.Function):
     """y = conv2d(x, w, padding='same') with F(m, r) along dim 2 of x [n, ci, s1, s2] and 1 x r along dim 3.
 

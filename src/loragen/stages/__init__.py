@@ -28,4 +28,9 @@ def run_stage(cfg: DictConfig) -> dict:
         if e.name != f"loragen.stages.{name}":
             raise
         raise LoragenError(f"stage {name!r} is not implemented yet") from None
-    return module.run(cfg)
+    try:
+        return module.run(cfg)
+    finally:
+        from loragen.models.hyperconv import release_scratch
+
+        release_scratch()  # the decoder's transform buffers (150 MB for small_minilm) are not the next stage's
