@@ -10,15 +10,14 @@ step and oneDNN's direct convolution already runs near the core's peak, so the l
 instead: a k x k "same" convolution runs as a one-dimensional Winograd convolution F(m, k) (Toom-Cook, points
 0, +-1, +-2, +-1/2, infinity; tiles of alpha = m + k - 1 = 8 rows: m = 4 for k = 5, 6 for k = 3) along its longer
 spatial axis and a direct 1 x k convolution along the other: alpha / (m k) = 0.4 (k = 5) and 0.44 (k = 3) of the
-multiplications. The
-alpha products are separate 1 x k convolutions in channels-last layout (25% faster than one grouped NCHW
-convolution on the bench's CPU), and the transforms' transient operands live in reused scratch buffers (a fresh
-12 MB buffer costs more in page faults than the transform that fills it). The parameters are the same nn.Conv2d
-modules as before (state_dict unchanged, old checkpoints load). The results equal the direct convolution's to
-fp32 rounding: in float64 to 1e-10 (tests/test_hyperconv_speed.py); in float32 the bench decoder is 4.4e-6 of the
-output scale from the fp32 reference (2.0e-6 with the grouped NCHW products; oneDNN's channels-last kernel sums
-the k * channels products of a point in a longer chain; small_minilm's k = 3 decoder: 4.8e-6 from float64, the
-direct one 1.2e-6). Direct convolution stays where the transforms cost more than they save (k = 7 and 9, few
+multiplications. The alpha products are separate 1 x k convolutions in channels-last layout (25% faster than one
+grouped NCHW convolution on the bench's CPU), and the transforms' transient operands live in reused scratch
+buffers (a fresh 12 MB buffer costs more in page faults than the transform that fills it). The parameters are the
+same nn.Conv2d modules as before (state_dict unchanged, old checkpoints load). The results equal the direct
+convolution's to fp32 rounding: in float64 to 1e-10 (tests/test_hyperconv_speed.py); in float32 the bench decoder
+is 4.4e-6 of the output scale from the fp32 reference (2.0e-6 with the grouped NCHW products; oneDNN's
+channels-last kernel sums the k * channels products of a point in a longer chain; small_minilm's k = 3 decoder:
+4.8e-6 from float64, the direct one 1.2e-6). Direct convolution stays where the transforms cost more than they save (k = 7 and 9, few
 channels, inputs whose channels are not their innermost dim: a layer's H-axis and channel convs), off the CPU
 (cuDNN picks its own algorithms, Winograd included) and for half precision (fp16/bf16 rounding would be amplified
 by the transforms).
@@ -103,7 +102,7 @@ def release_scratch() -> None:
 class _WinogradRows(torch.autograd.Function):
     """y = conv2d(x, w, padding='same') with F(m, r) along dim 2 of x [n, ci, s1, s2] and 1 x r along dim 3.
 
-    The a = m + r - 1 products are a separate 1 x r convolutions in channels-last layout, point i's input and
+    The a = m + r - 1 products are separate 1 x r convolutions in channels-last layout, point i's input and
     output contiguous slices [n, tiles, s2, channels] of one [a, ...] tensor: on the bench's CPU that is 25% faster
     than one grouped NCHW convolution over all a points, and the transforms become single [a, a] x [a, rest]
     matrix products over the leading dim. The W-axis convs of a HyperConv layer have the layer's innermost W as
@@ -150,7 +149,8 @@ class _WinogradRows(torch.autograd.Function):
         p = r // 2
         at, g, bt = _winograd(m, r, v.dtype, v.device)
         gq = _scratch("rows", (m, n * tiles * s2 * co), v).view(m, n, tiles, s2, co)
-        gq[:] = F.pad(gy, (0, 0, 0, tiles * m - s1)).unflatten(2, (tiles, m)).permute(3, 0, 2, 4, 1)
+        gy = gy if tiles * m == s1 else F.pad(gy, (0, 0, 0, tiles * m - s1))
+        gq[:] = gy.unflatten(2, (tiles, m)).permute(3, 0, 2, 4, 1)
         gp = torch.matmul(at.T, gq.view(m, -1), out=_scratch("out", (a, n, tiles, s2, co), v).view(a, -1))
         gp = gp.view(a, n, tiles, s2, co)
         need_x, need_w = ctx.needs_input_grad[:2]
