@@ -10,17 +10,17 @@ step and oneDNN's direct convolution already runs near the core's peak, so the l
 instead: a k x k "same" convolution runs as a one-dimensional Winograd convolution F(m, k) (Toom-Cook, points
 0, +-1, +-2, +-1/2, infinity; tiles of alpha = m + k - 1 = 8 rows: m = 4 for k = 5, 6 for k = 3) along its longer
 spatial axis and a direct 1 x k convolution along the other: alpha / (m k) = 0.4 (k = 5) and 0.44 (k = 3) of the
-multiplications. The alpha products are separate 1 x k convolutions in channels-last layout (25% faster than one
-grouped NCHW convolution on the bench's CPU), and the transforms' transient operands live in reused scratch
+multiplications. The alpha products are separate 1 x k convolutions in channels-last layout (about 1.5x faster
+than one grouped NCHW convolution on the bench's CPU), and the transforms' transient operands live in reused scratch
 buffers (a fresh 12 MB buffer costs more in page faults than the transform that fills it). The parameters are the
 same nn.Conv2d modules as before (state_dict unchanged, old checkpoints load). The results equal the direct
 convolution's to fp32 rounding: in float64 to 1e-10 (tests/test_hyperconv_speed.py); in float32 the bench decoder
 is 4.4e-6 of the output scale from the fp32 reference (2.0e-6 with the grouped NCHW products; oneDNN's
 channels-last kernel sums the k * channels products of a point in a longer chain; small_minilm's k = 3 decoder:
-4.8e-6 from float64, the direct one 1.2e-6). Direct convolution stays where the transforms cost more than they save (k = 7 and 9, few
-channels, inputs whose channels are not their innermost dim: a layer's H-axis and channel convs), off the CPU
-(cuDNN picks its own algorithms, Winograd included) and for half precision (fp16/bf16 rounding would be amplified
-by the transforms).
+4.8e-6 from float64, the direct one 1.2e-6). Direct convolution stays where the transforms cost more than they
+save (k = 7 and 9, few channels, inputs whose channels are not their innermost dim: a layer's H-axis and channel
+convs), off the CPU (cuDNN picks its own algorithms, Winograd included) and for half precision (fp16/bf16 rounding
+would be amplified by the transforms).
 """
 
 from __future__ import annotations
@@ -103,9 +103,10 @@ class _WinogradRows(torch.autograd.Function):
     """y = conv2d(x, w, padding='same') with F(m, r) along dim 2 of x [n, ci, s1, s2] and 1 x r along dim 3.
 
     The a = m + r - 1 products are separate 1 x r convolutions in channels-last layout, point i's input and
-    output contiguous slices [n, tiles, s2, channels] of one [a, ...] tensor: on the bench's CPU that is 25% faster
-    than one grouped NCHW convolution over all a points, and the transforms become single [a, a] x [a, rest]
-    matrix products over the leading dim. The W-axis convs of a HyperConv layer have the layer's innermost W as
+    output contiguous slices [n, tiles, s2, channels] of one [a, ...] tensor: on the bench's CPU that is about 1.5x
+    faster than one grouped NCHW convolution over all a points (48-54 against 74-79 ms forward + backward for the
+    first layer's big conv), and the transforms become single [a, a] x [a, rest] matrix products over the leading
+    dim. The W-axis convs of a HyperConv layer have the layer's innermost W as
     their channels, so every gather into and out of this layout copies contiguous runs. Saves the transformed input
     (a / m times the input's size) and weights for backward; no double backward.
     """
