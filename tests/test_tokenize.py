@@ -262,6 +262,20 @@ def test_mismatched_target_modules_and_shapes_name_file_and_key(tmp_path):
         tokenize_checkpoints(tmp_path / "m", modules=MODULES)
 
 
+def test_a_truncated_later_checkpoint_is_reported_before_any_work(tmp_path):
+    """check_consistent parses only the first header when the others are byte-equal to it; a later file with that
+    header but cut short is still named by the check, before any tensor is read."""
+    from loragen.lora.tokenize import check_consistent, find_checkpoints
+
+    for step in (1, 2, 3):
+        write_adapter(tmp_path / f"step-{step}", random_qwen_adapter(step, r=2, layers=1))
+    assert check_consistent(find_checkpoints(tmp_path)).shapes  # untouched: consistent
+    f = tmp_path / "step-3" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"{f}: cannot read safetensors file"):
+        check_consistent(find_checkpoints(tmp_path))
+
+
 def test_truncated_safetensors_is_named_and_nothing_written(tmp_path):
     two_checkpoints(tmp_path / "c", lambda c, t: None)
     f = tmp_path / "c" / "step-2" / "adapter_model.safetensors"
