@@ -533,6 +533,28 @@ def test_non_finite_value_in_a_group_names_its_checkpoint(tmp_path, small_groups
     assert small_groups[1] == (["step-4", "step-5", "step-6"], True)
 
 
+def test_block_codes_equal_encode_then_decode_stats_bit_for_bit():
+    """The encoder's fused codes equal the reference pair encode_stats -> decode_stats -> fp32 on every value class:
+    tiny and subnormal means (mean code / 8 rounds), huge ones (mean * 8 overflows), zero and floored variances."""
+    from loragen.lora.tokenize.codec import _block_codes, decode_stats, encode_stats
+
+    g = torch.Generator().manual_seed(0)
+    tiny = torch.tensor([1e-45, -3e-45, 1.1754942e-38, 2.5e-39, 0.0, -0.0])
+    huge = torch.tensor([3.4e38, -4.3e37, 4.2e37, 1e30])
+    mean = torch.cat([tiny, huge, torch.randn(200, generator=g) * torch.logspace(-30, 3, 200)])
+    var = torch.cat([torch.tensor([0.0, 1e-45, 1e-20, 1e-16, 1e30]), torch.rand(mean.numel() - 5, generator=g)
+                     * torch.logspace(-20, 4, mean.numel() - 5)])
+    mean, var = mean.view(2, -1), var.view(2, -1)
+    mean_q, std_q = torch.empty(2, 300).fill_(float("nan")), torch.empty(2, 300).fill_(float("nan"))
+    codes = _block_codes(mean, var, mean_q[:, 10:115], std_q[:, 10:115])
+    expected = encode_stats(mean, var.sqrt())
+    for got, want in zip(codes, expected, strict=True):
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    for got, want in zip((mean_q[:, 10:115], std_q[:, 10:115]), decode_stats(*expected), strict=True):
+        assert torch.equal(got.view(torch.int32), want.float().view(torch.int32))
+    assert mean_q[:, :10].isnan().all() and std_q[:, 115:].isnan().all()  # only its slice written
+
+
 def test_encode_dnd_of_k_checkpoints_equals_one_at_a_time():
     from loragen.lora.tokenize import codec
 

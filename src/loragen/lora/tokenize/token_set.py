@@ -99,27 +99,31 @@ def read_groups(ckpts: Iterable[Checkpoint], k: int) -> Iterator[Group]:
                 yield [p], _stack_one(read_adapter(p, check_finite=False).tensors)
 
 
-def encode_all(checkpoints: Iterable[tuple[Any, dict[str, torch.Tensor]]], layout: Layout,
-               n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+Encoded = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]
+
+
+def encode_all(checkpoints: Iterable[tuple[Any, dict[str, torch.Tensor]]], layout: Layout, n: int) -> Encoded:
     """Encode (source, tensors) pairs, one at a time, into one [n, *layout.shape] tensor."""
     return encode_groups((([src], _stack_one(tensors)) for src, tensors in checkpoints), layout, n)
 
 
-def encode_groups(groups: Iterable[Group], layout: Layout,
-                  n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def encode_groups(groups: Iterable[Group], layout: Layout, n: int) -> Encoded:
     """Encode groups of checkpoints (`read_groups`) into (tokens [n, *layout.shape], chunk mean, chunk std [n, T]
-    (dnd) or None (flat)); CheckpointError naming the checkpoint and tensor with non-finite values."""
+    (dnd) or None (flat), token_std [T]); CheckpointError naming the checkpoint and tensor with non-finite values."""
     with codec.single_thread():
         return _encode_groups(groups, layout, n)
 
 
-def _encode_groups(groups: Iterable[Group], layout: Layout,
-                   n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def _encode_groups(groups: Iterable[Group], layout: Layout, n: int) -> Encoded:
     tokens = torch.empty((n, *layout.shape), dtype=torch.float32)
     dnd = layout.scheme == "dnd"
     means, stds = (torch.empty(n, layout.num_tokens), torch.empty(n, layout.num_tokens)) if dnd else (None, None)
     padded, blocks = codec.padded_tokens(layout), {}
-    with _prefaulted(tokens) as ready:
+    threads = min(2, os.cpu_count() or 1)
+    # dnd tokens are final once their group is encoded, so the helper thread sums their token_std meanwhile; flat
+    # tokens are normalised over all checkpoints at the end, so their token_std waits for that
+    sums = StdSums(tokens, layout.mask(), STD_BLOCK_TOKENS)
+    with _helper(tokens, sums if dnd else None) as (ready, encoded):
         i = 0
         for sources, tensors in groups:
             k = len(sources)
@@ -132,9 +136,10 @@ def _encode_groups(groups: Iterable[Group], layout: Layout,
             else:
                 _encode_flat_group(sources, tensors, layout, tokens[i : i + k])
             i += k
+            encoded(i)
     if not dnd:
         codec.normalise_flat(tokens, layout)
-    return tokens, means, stds
+    return tokens, means, stds, sums.finish(threads)
 
 
 def _encode_dnd_group(sources: list[Any], tensors: dict[str, torch.Tensor], layout: Layout, dst: torch.Tensor,
@@ -164,38 +169,58 @@ def _stack_one(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def _prefaulted(tokens: torch.Tensor) -> Iterator[Callable[[int], None]]:
-    """Touch the pages of `tokens` [n, ...] one checkpoint ahead of the encoder, on another thread.
+def _helper(tokens: torch.Tensor,
+            sums: StdSums | None) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """A second thread beside the encoder. It touches the pages of `tokens` [n, ...] ahead of the encoder, then adds
+    the encoded checkpoints to `sums` (token_std), a group at a time, until the encoder is done.
 
     The first write to freshly allocated memory is the kernel zeroing its pages: for 50 Qwen2.5-0.5B checkpoints
-    that is 1.1 GB and about 0.4 s, as long as half the encoding. Torch releases the GIL in its ops, so a second
-    core (where there is one) does it meanwhile. `ready(i)` waits until checkpoint i is touched: the thread never
-    writes a checkpoint the encoder has started. (Encoding checkpoints on two threads instead was no faster:
-    the encoder's many small ops contend for the GIL.)"""
+    that is 1.1 GB and about 0.22 s, as long as half the encoding. Summing token_std is another 0.2 s of one core.
+    Torch releases the GIL in its ops, so a second core (where there is one) does both meanwhile; what is left when the
+    encoder ends, `StdSums.finish` adds on both cores. Yields (ready, encoded): `ready(i)` waits until checkpoint i
+    is touched (the thread never writes a checkpoint the encoder has started); `encoded(i)` says that checkpoints
+    [0, i) are final. (Encoding checkpoints on two threads instead was no faster: the encoder's many small ops
+    contend for the GIL.) If the thread fails, the encoder faults its pages in itself, and `finish` sums what the
+    thread did not: every cell sees the same operations in the same order either way."""
     n = tokens.shape[0]
     if (os.cpu_count() or 1) < 2 or n < 2:
-        yield lambda i: None
+        yield (lambda i: None), (lambda i: None)
         return
-    done = [threading.Event() for _ in range(n)]
-    stop = threading.Event()
+    touched = [threading.Event() for _ in range(n)]
+    progress = threading.Condition()
+    state = {"encoded": 0, "stop": False}
 
-    def touch():
+    def work():
         try:
             for i in range(n):
-                if stop.is_set():
+                if state["stop"]:
                     return
                 tokens[i].view(-1)[::PAGE_FLOATS].zero_()
-                done[i].set()
+                touched[i].set()
         finally:  # whatever happened here, the encoder never waits for it (it faults its pages in itself)
-            for event in done:
+            for event in touched:
                 event.set()
+        while sums is not None:
+            with progress:
+                progress.wait_for(lambda: state["stop"] or state["encoded"] > sums.done)
+                if state["stop"]:
+                    return
+                until = min(state["encoded"], sums.done + GROUP_CHECKPOINTS)  # short steps: stop is seen soon
+            sums.add_until(until)
 
-    thread = threading.Thread(target=touch, name="tokenize-prefault", daemon=True)
+    def encoded(i: int) -> None:
+        with progress:
+            state["encoded"] = i
+            progress.notify()
+
+    thread = threading.Thread(target=work, name="tokenize-helper", daemon=True)
     thread.start()
     try:
-        yield lambda i: done[i].wait()
+        yield (lambda i: touched[i].wait()), encoded
     finally:
-        stop.set()
+        with progress:
+            state["stop"] = True
+            progress.notify()
         thread.join()
 
 
@@ -206,61 +231,94 @@ def _non_finite(src, tensors: dict[str, torch.Tensor]) -> CheckpointError:
     return CheckpointError(f"{where}: tensor {name} has non-finite values")
 
 
-def _token_set(encoded, layout: Layout, steps: list[int], sources: list[str]) -> TokenSet:
-    tokens, means, stds = encoded
-    mask = layout.mask()
-    with codec.single_thread():
-        std = token_std(tokens, mask, STD_BLOCK_TOKENS, threads=min(2, os.cpu_count() or 1))
-    return TokenSet(tokens, layout, mask, std, steps, sources, means, stds)
+def _token_set(encoded: Encoded, layout: Layout, steps: list[int], sources: list[str]) -> TokenSet:
+    tokens, means, stds, std = encoded
+    return TokenSet(tokens, layout, layout.mask(), std, steps, sources, means, stds)
 
 
 def token_std(tokens: torch.Tensor, mask: torch.Tensor, block_tokens: int = codec.BLOCK_TOKENS // 4,
               threads: int = 1) -> torch.Tensor:
-    """Per-token std across checkpoints, averaged over the token's real cells.
-
-    Streams over checkpoints with sums shifted by the first one (no cancellation for trajectories that
-    move little) instead of reducing over dim 0, which is several times slower on the strided layout. Runs
-    block of tokens by block, so the running sums stay in the CPU cache while every checkpoint streams past
-    (elementwise, the same operations as over whole checkpoints). `threads` > 1 splits the tokens between that many
-    Python threads (torch releases the GIL in its ops); every cell sees the same operations either way."""
-    n, x0 = tokens.shape[0], tokens[0]
-    s1, s2 = torch.zeros_like(x0), torch.zeros_like(x0)
-    num, errors = x0.shape[0], []
-    per = -(-num // max(1, threads) // block_tokens) * block_tokens  # whole blocks per thread
-    parts = [(t, min(t + per, num)) for t in range(0, num, per)] or [(0, 0)]
-
-    def sums(begin: int, end: int) -> None:
-        try:
-            _shifted_sums(tokens, s1, s2, begin, end, block_tokens)
-        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
-            errors.append(e)
-
-    workers = [threading.Thread(target=sums, args=part, name="token-std", daemon=True) for part in parts[1:]]
-    for w in workers:
-        w.start()
-    sums(*parts[0])
-    for w in workers:
-        w.join()
-    if errors:
-        raise errors[0]
-    s1.div_(n)
-    var = s2.div_(n).sub_(s1.square_()).clamp_min_(0)
-    std = var.sqrt_().mul_(mask)
-    return std.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+    """Per-token std across checkpoints, averaged over the token's real cells (`StdSums` over all of `tokens`)."""
+    return StdSums(tokens, mask, block_tokens).finish(threads)
 
 
-def _shifted_sums(tokens: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, begin: int, end: int,
-                  block_tokens: int) -> None:
-    """Add sum_i (x_i - x_0) to s1 and sum_i (x_i - x_0)^2 to s2 on tokens [begin, end), checkpoint by checkpoint."""
-    x0 = tokens[0]
-    d = torch.empty_like(x0[: min(block_tokens, end - begin)])
-    for t0 in range(begin, end, block_tokens):
-        t1 = min(t0 + block_tokens, end)
-        a, b, db, x0b = s1[t0:t1], s2[t0:t1], d[: t1 - t0], x0[t0:t1]
-        for i in range(1, tokens.shape[0]):
-            torch.sub(tokens[i, t0:t1], x0b, out=db)
-            a.add_(db)
-            b.addcmul_(db, db)
+class StdSums:
+    """token_std of `tokens` [n, T, ...] (mask [T, ...]: its real cells), from running sums over the checkpoints.
+
+    The sums are shifted by the first checkpoint, sum_i (x_i - x_0) and sum_i (x_i - x_0)^2 (no cancellation for
+    trajectories that move little), and added checkpoint by checkpoint instead of reducing over dim 0, which is
+    several times slower on the strided layout. They run block of tokens by block, so a block's sums stay in the CPU
+    cache while the checkpoints stream past, and a block's std is finished as soon as its last checkpoint is in.
+    Every cell sees the same elementwise operations in the same order however the checkpoints and tokens are split
+    (in time, or between threads), so the result never depends on the split."""
+
+    def __init__(self, tokens: torch.Tensor, mask: torch.Tensor, block_tokens: int) -> None:
+        self.tokens, self.mask, self.block_tokens = tokens, mask, block_tokens
+        self._s1_s2: tuple[torch.Tensor, torch.Tensor] | None = None  # allocated (and faulted in) by the first adder
+        self.done = 1  # checkpoints [0, done) are in the sums of every token (checkpoint 0 adds zero)
+        self._partial = False  # an add_until failed midway: the sums hold part of a range
+
+    def add_until(self, end: int) -> None:
+        """Add checkpoints [done, end) (end < n) on every token, as the checkpoints become final."""
+        if self._partial:
+            self._restart()
+        self._partial = True
+        self._add(self.done, end, 0, self.tokens.shape[1])
+        self.done, self._partial = max(self.done, end), False
+
+    def finish(self, threads: int = 1) -> torch.Tensor:
+        """Add the remaining checkpoints, the tokens split between `threads` Python threads (torch releases the GIL in
+        its ops); return token_std [T]."""
+        if self._partial:
+            self._restart()
+        n, num, errors = self.tokens.shape[0], self.tokens.shape[1], []
+        std = torch.empty(num)
+        self._sums()  # allocated here, before the threads share them
+        per = -(-num // max(1, threads) // self.block_tokens) * self.block_tokens  # whole blocks per thread
+        parts = [(t, min(t + per, num)) for t in range(0, num, per)] or [(0, 0)]
+
+        def add(begin: int, stop: int) -> None:
+            try:
+                self._add(self.done, n, begin, stop, std)
+            except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
+                errors.append(e)
+
+        workers = [threading.Thread(target=add, args=part, name="token-std", daemon=True) for part in parts[1:]]
+        for w in workers:
+            w.start()
+        add(*parts[0])
+        for w in workers:
+            w.join()
+        if errors:
+            raise errors[0]
+        return std
+
+    def _restart(self) -> None:
+        self._s1_s2 = None
+        self.done, self._partial = 1, False
+
+    def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._s1_s2 is None:
+            self._s1_s2 = torch.zeros_like(self.tokens[0]), torch.zeros_like(self.tokens[0])
+        return self._s1_s2
+
+    def _add(self, first: int, end: int, begin: int, stop: int, std: torch.Tensor | None = None) -> None:
+        """Add checkpoints [first, end) on tokens [begin, stop); with `std`, end is n: write their token_std there."""
+        n, tokens, x0, b = self.tokens.shape[0], self.tokens, self.tokens[0], self.block_tokens
+        all_s1, all_s2 = self._sums()
+        d = torch.empty_like(x0[: min(b, stop - begin)])
+        for t0 in range(begin, stop, b):
+            t1 = min(t0 + b, stop)
+            s1, s2, db, x0b = all_s1[t0:t1], all_s2[t0:t1], d[: t1 - t0], x0[t0:t1]
+            for i in range(first, end):
+                torch.sub(tokens[i, t0:t1], x0b, out=db)
+                s1.add_(db)
+                s2.addcmul_(db, db)
+            if std is not None:
+                s1.div_(n)
+                var = s2.div_(n).sub_(s1.square_()).clamp_min_(0)
+                cells = var.sqrt_().mul_(self.mask[t0:t1])
+                std[t0:t1] = cells.flatten(1).sum(1) / self.mask[t0:t1].flatten(1).sum(1).clamp_min(1)
 
 
 def detokenize(tokens: torch.Tensor, layout: Layout) -> Adapter:
