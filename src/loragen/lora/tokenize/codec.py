@@ -151,12 +151,17 @@ def _block_codes(mean: torch.Tensor, var: torch.Tensor, mean_out: torch.Tensor,
 
 def _copy_in(data: torch.Tensor, x: torch.Tensor, s: TensorSlot, t: int, c: int) -> None:
     """Tensor slot `s` of K checkpoints, x (K, *s.shape), into its tokens' data cells data[:, t : t + s.num_tokens]
-    (K, n, r, c); the padded cells of its last token are zeroed."""
-    x = x.transpose(1, 2) if s.transposed else x  # (K, r, L)
-    k, r, full = x.shape[0], x.shape[1], s.length // c
+    (K, n, r, c); the padded cells of its last token are zeroed. The whole tokens' source is one as_strided view
+    (K, n, r, c) of x: the chain of transpose, slice and reshape it replaces made the copies of one group 8-15%
+    slower (336 of them for Qwen2.5-0.5B)."""
+    k, full = x.shape[0], s.length // c
     if full:
-        data[:, t : t + full].copy_(x[:, :, : full * c].reshape(k, r, full, c).transpose(1, 2))
+        sk, s0, s1 = x.stride()
+        # lora_B x (K, L, r): cell (j, a, b) is x[:, j*c + b, a]; lora_A x (K, r, L): it is x[:, a, j*c + b]
+        strides = (sk, c * s0, s1, s0) if s.transposed else (sk, c * s1, s0, s1)
+        data.narrow(1, t, full).copy_(x.as_strided((k, full, data.shape[2], c), strides))
     if full < s.num_tokens:
+        x = x.transpose(1, 2) if s.transposed else x  # (K, r, L)
         tail = s.length - full * c
         data[:, t + full, :, :tail].copy_(x[:, :, full * c :])
         data[:, t + full, :, tail:].zero_()
