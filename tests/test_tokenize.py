@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -316,6 +317,20 @@ def test_non_finite_values_name_file_and_tensor(tmp_path):
         t[key][1, 3] = float("inf")
     two_checkpoints(tmp_path, edit)
     with pytest.raises(CheckpointError, match=f"step-2/adapter_model.safetensors: tensor {key} has non-finite values"):
+        tokenize_checkpoints(tmp_path, modules=MODULES)
+
+
+@pytest.mark.parametrize("value", [1e38, 2e19])
+def test_finite_values_whose_chunk_statistics_overflow_name_file_and_tensor(tmp_path, value):
+    """A diverged run's finite but huge values: the chunk's mean code (mean * 8 at 1e38) or its variance (2e19^2)
+    overflows float32. A CheckpointError names the file and tensor (it was a StopIteration traceback)."""
+    key = "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"
+
+    def edit(c, t):
+        t[key][5, :] = value
+    two_checkpoints(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=f"step-2/adapter_model.safetensors: tensor {key} has values too large "
+                                              + re.escape(f"to tokenize (up to {value:.3g}")):
         tokenize_checkpoints(tmp_path, modules=MODULES)
 
 

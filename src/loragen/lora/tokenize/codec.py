@@ -116,15 +116,20 @@ def encode_dnd(tensors: dict[str, torch.Tensor], layout: Layout, dst: torch.Tens
         for s in slots:
             _copy_in(data, tensors[s.name], s, s.first_token - t0, c)
         mean = data.mean((2, 3))  # two passes: 5x faster than var_mean's Welford here, and as stable
-        dev = torch.sub(data, mean[:, :, None, None], out=tmp[: data.numel()].view(data.shape))
-        var = dev.square_().mean((2, 3))
         pads = [(t - t0, pad_width[t]) for t in (s.first_token + s.num_tokens - 1 for s in slots) if t in pad_width]
-        for t, w in pads:  # statistics of the real cells only, one checkpoint at a time as on one checkpoint
-            for i in range(k):
-                var[i, t], mean[i, t] = torch.var_mean(data[i, t, :, :w], correction=0)
+        # statistics of a padded chunk's real cells only, one checkpoint at a time as on one checkpoint
+        pad_stats = [(i, t, torch.var_mean(data[i, t, :, :w], correction=0)) for t, w in pads for i in range(k)]
+        for i, t, (_, m) in pad_stats:
+            mean[i, t] = m
+        # In place, data - mean is already data - (the decoded mean): in fp32, mean * 8 / 8 is mean (_block_codes).
+        # The one exception, |mean| > 4e37 (mean * 8 overflows), decodes to inf and the checkpoint is refused.
+        data.sub_(mean[:, :, None, None])
+        var = torch.square(data, out=tmp[: data.numel()].view(data.shape)).mean((2, 3))
+        for i, t, (v, _) in pad_stats:
+            var[i, t] = v
         mq, sq = mean_q[:, t0:t1], std_q[:, t0:t1]
         mean_code, std_code = _block_codes(mean, var, mq, sq)
-        data.sub_(mq[:, :, None, None]).div_(sq[:, :, None, None])
+        data.div_(sq[:, :, None, None])
         for t, w in pads:
             data[:, t, :, w:] = 0
         block[:, :, 0, :] = mean_code[:, :, None]

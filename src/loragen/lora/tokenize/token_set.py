@@ -150,7 +150,14 @@ def _encode_dnd_group(sources: list[Any], tensors: dict[str, torch.Tensor], layo
     finite = torch.isfinite(means).all(1) & torch.isfinite(stds).all(1)
     if not finite.all():
         j = int((~finite).nonzero()[0, 0])
-        raise _non_finite(sources[j], {name: t[j] for name, t in tensors.items()})
+        one = {name: t[j] for name, t in tensors.items()}
+        if all(torch.isfinite(t).all() for t in one.values()):  # finite values whose chunk statistics overflow
+            t = int((~(torch.isfinite(means[j]) & torch.isfinite(stds[j]))).nonzero()[0, 0])
+            name = next(s.name for s in layout.tensors if s.first_token <= t < s.first_token + s.num_tokens)
+            raise CheckpointError(f"{_weights_file(sources[j])}: tensor {name} has values too large to tokenize "
+                                  f"(up to {float(one[name].abs().max()):.3g}: a chunk's mean or std overflows "
+                                  "float32 in the dnd codes)")
+        raise _non_finite(sources[j], one)
 
 
 def _encode_flat_group(sources: list[Any], tensors: dict[str, torch.Tensor], layout: Layout,
@@ -227,9 +234,13 @@ def _helper(tokens: torch.Tensor,
 
 def _non_finite(src, tensors: dict[str, torch.Tensor]) -> CheckpointError:
     name = next(k for k, t in tensors.items() if not torch.isfinite(t).all())
+    return CheckpointError(f"{_weights_file(src)}: tensor {name} has non-finite values")
+
+
+def _weights_file(src) -> Path | str:
+    """The weights file of checkpoint dir `src` for messages (the dir if it has none; "adapter" for in-memory)."""
     src = Path(src) if src is not None else None
-    where = next((src / f for f in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if (src / f).is_file()), src) if src else "adapter"
-    return CheckpointError(f"{where}: tensor {name} has non-finite values")
+    return next((src / f for f in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if (src / f).is_file()), src) if src else "adapter"
 
 
 def _token_set(encoded: Encoded, layout: Layout, steps: list[int], sources: list[str]) -> TokenSet:
