@@ -106,3 +106,35 @@ def test_a_failing_prefault_thread_never_blocks_the_encoder(tmp_path, monkeypatc
     worker.join(120)  # a blocked encoder fails here instead of hanging the suite
     assert not worker.is_alive(), "the encoder waited for a dead page-touching thread"
     assert torch.equal(got["tokens"], expected)
+
+
+def test_a_helper_failing_midway_through_token_std_gives_the_same_bits(tmp_path, monkeypatch, caplog):
+    """The helper thread adds encoded groups to the token_std sums while the encoder goes on. If it fails halfway
+    through a step, the sums start over after the encoder: same tokens and stds, and a warning says so."""
+    import time
+
+    from loragen.lora.tokenize import token_set
+
+    src = trajectory(tmp_path / "a", "float32")
+    expected = tokenize_checkpoints(src, modules=MODULES)
+    monkeypatch.setattr(token_set.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(token_set, "GROUP_CHECKPOINTS", 1)
+    encode = token_set._encode_dnd_group
+    monkeypatch.setattr(token_set, "_encode_dnd_group", lambda *a: (encode(*a), time.sleep(0.2)))  # helper catches up
+    add, calls = token_set.StdSums._add, []
+
+    def failing_add(self, first, end, begin, stop, std=None):
+        if threading.current_thread().name == "tokenize-helper":
+            calls.append(first)
+            if len(calls) == 2:  # the second step: half its tokens, then fail
+                add(self, first, end, begin, (begin + stop) // 2, std)
+                raise RuntimeError("injected")
+        add(self, first, end, begin, stop, std)
+
+    monkeypatch.setattr(token_set.StdSums, "_add", failing_add)
+    with caplog.at_level("WARNING", logger="loragen.lora.tokenize.token_set"):
+        got = tokenize_checkpoints(src, modules=MODULES)
+    assert len(calls) == 2  # the helper summed one step, failed in the next, and stopped
+    assert "token_std on the helper thread failed (injected)" in caplog.text
+    for field in ("tokens", "token_std", "chunk_mean", "chunk_std"):
+        assert torch.equal(getattr(got, field), getattr(expected, field)), field

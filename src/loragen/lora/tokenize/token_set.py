@@ -50,9 +50,9 @@ GROUP_CHECKPOINTS = 4
 # 0.535-0.547 s, 64 0.550-0.566 s, 256 0.561 s, 32 0.589 s (fewer blocks pay fewer ops; larger ones fall out of cache).
 GROUP_BLOCK_TOKENS = 2 * codec.BLOCK_TOKENS
 
-# token_std: tokens per block. It runs on two threads after the encoder (when the page-touching thread is done): there
-# blocks of 128 tokens took 0.12-0.14 s for 50 Qwen2.5-0.5B checkpoints, of 64 0.15-0.18 s (more ops contend for the
-# GIL); one thread 0.17-0.19 s
+# token_std (StdSums): tokens per block, on the helper thread while the encoder works and on two threads after it.
+# Measured when it all ran on two threads after the encoder: blocks of 128 tokens took 0.12-0.14 s for 50
+# Qwen2.5-0.5B checkpoints, of 64 0.15-0.18 s (more ops contend for the GIL); one thread 0.17-0.19 s
 STD_BLOCK_TOKENS = codec.BLOCK_TOKENS // 2
 
 Group = tuple[list[Any], dict[str, torch.Tensor]]  # (sources of K checkpoints, name -> their tensors (K, *shape))
@@ -208,13 +208,16 @@ def _helper(tokens: torch.Tensor,
         finally:  # whatever happened here, the encoder never waits for it (it faults its pages in itself)
             for event in touched:
                 event.set()
-        while sums is not None:
-            with progress:
-                progress.wait_for(lambda: state["stop"] or state["encoded"] > sums.done)
-                if state["stop"]:
-                    return
-                until = min(state["encoded"], sums.done + GROUP_CHECKPOINTS)  # short steps: stop is seen soon
-            sums.add_until(until)
+        try:
+            while sums is not None:
+                with progress:
+                    progress.wait_for(lambda: state["stop"] or state["encoded"] > sums.done)
+                    if state["stop"]:
+                        return
+                    until = min(state["encoded"], sums.done + GROUP_CHECKPOINTS)  # short steps: stop is seen soon
+                sums.add_until(until)
+        except Exception as e:  # noqa: BLE001 - finish() starts the sums over on the caller's thread
+            log.warning("token_std on the helper thread failed (%s); summing after the encoder instead", e)
 
     def encoded(i: int) -> None:
         with progress:
